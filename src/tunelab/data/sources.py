@@ -1,0 +1,112 @@
+"""Read raw rows from files or `datasets`, each with a location string for error messages ("file:line")."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import UserError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+def resolve(source: str) -> str:
+    if source.startswith("builtin:"):
+        path = BUILTIN_DIR / f"{source.split(':', 1)[1]}.jsonl"
+        if not path.is_file():
+            names = sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+            raise UserError(f"unknown builtin dataset '{source}' (available: {', '.join('builtin:' + n for n in names)})")
+        return str(path)
+    return source
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, row) pairs. Files by suffix; a directory is a saved `datasets` dataset; else hub id."""
+    path = Path(resolve(source)).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(suffix)
+        if reader is None:
+            raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+        yield from reader(path)
+    elif path.is_dir():
+        yield from _saved_dataset(path, split)
+    elif suffix in (".jsonl", ".json", ".csv", ".parquet") or source.startswith((".", "/", "~")):
+        raise UserError(f"data file not found: {path}")
+    else:
+        yield from _hub_dataset(source, split)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix or remove line {i}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
+            yield f"{path}:{i}", row
+
+
+def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); if it is JSON lines, name it .jsonl") from None
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(f"{path}: expected a list of objects (or one key holding such a list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a list of objects")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: item {i} is not an object")
+        yield f"{path}[{i}]", row
+
+
+def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+            yield f"{path}:{i}", dict(row)
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}[row {i}]", row
+
+
+def _saved_dataset(path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: a directory, but not a dataset saved with datasets' save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: no split '{split}' (has: {', '.join(ds)}); set data.split")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"{path}[{split}][{i}]", row
+
+
+def _hub_dataset(name: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    from tunelab.models import _hub_reachable
+
+    if not _hub_reachable():
+        raise UserError(f"data: '{name}' is not a local file or directory, and the Hugging Face hub is unreachable (offline)")
+    ds = datasets.load_dataset(name, split=split)
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}][{i}]", row

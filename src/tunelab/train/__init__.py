@@ -1,0 +1,1 @@
+"""Training: the loop on accelerate, checkpoints, optimizer and schedule, logging."""

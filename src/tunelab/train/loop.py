@@ -1,0 +1,244 @@
+"""THE training loop, on accelerate. Reads top to bottom:
+
+run dir -> accelerator -> model -> method -> data -> optimizer/schedule -> (resume) -> eval before ->
+for each step: accumulate micro-batches (loss normalised by the step's label count) -> clip -> step ->
+log -> maybe validate/evaluate -> maybe checkpoint -> (signal: checkpoint and stop) -> final save -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data import Batches, build_data
+from tunelab.errors import UserError
+from tunelab.methods import METHODS
+from tunelab.methods._base import count_params
+from tunelab.models import load_model
+from tunelab.objectives import OBJECTIVES
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.optim import build_optimizer, build_scheduler, param_groups
+from tunelab.train.progress import TrainProgress
+from tunelab.train.rundir import MetricsLog, prepare
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second SIGINT: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _accelerator(cfg: RunConfig, run_dir: Path) -> Any:
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    trackers = (["tensorboard"] if cfg.train.tensorboard else []) + list(cfg.train.trackers)
+    acc = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=str(run_dir))
+    if trackers:
+        acc.init_trackers("tb", config={"run": str(run_dir)})
+    return acc
+
+
+@torch.no_grad()
+def validation_loss(model: Any, objective: Any, batches: Batches | None) -> float | None:
+    """Mean per-token loss on the validation set (dropout off; RNG untouched)."""
+    if batches is None:
+        return None
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for batch in batches:
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        n = objective.num_items(batch)
+        loss, _ = objective.loss(model, batch, n)
+        total += loss.item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _eval_tasks(cfg: RunConfig, model: Any, tok: Any, run_dir: Path, label: str) -> dict[str, Any]:
+    if not cfg.eval.tasks:
+        return {}
+    from tunelab.evaluate.runner import evaluate_tasks
+
+    return evaluate_tasks(model, tok, cfg.eval.tasks, run_dir, label)
+
+
+def _next_micro(data: Batches, state: ckpt.LoopState, order_cache: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    if state.micro >= len(data):
+        state.epoch, state.micro = state.epoch + 1, 0
+    if state.epoch not in order_cache:
+        order_cache.clear()
+        order_cache[state.epoch] = data.order(state.epoch)
+    batch = data.batch(state.epoch, state.micro, order_cache[state.epoch])
+    state.micro += 1
+    return batch
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunResult:
+    run_dir, resuming = prepare(cfg, resume, overwrite)
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    acc = _accelerator(cfg, run_dir)
+
+    model, tok = load_model(cfg.model, acc.device)
+    method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
+    model = method.apply(model)
+    model.train()
+    objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
+    data = build_data(cfg.data, tok, tc.batch_size, tc.seed)
+    if cfg.data.packing and not getattr(method, "supports_packing", True):
+        raise UserError(f"method '{cfg.method.name}' cannot train on packed rows; set data.packing=false")  # type: ignore[attr-defined]
+
+    steps_per_epoch = math.ceil(len(data.train) / tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    groups = method.param_groups(model, tc.lr, tc.weight_decay) if hasattr(method, "param_groups") else param_groups(model, tc.lr, tc.weight_decay)
+    optimizer = build_optimizer(groups, tc)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    trainable, total = count_params(model)
+
+    state = ckpt.LoopState()
+    ckpt_root = run_dir / "checkpoints"
+    latest = ckpt.list_checkpoints(ckpt_root)[-1:] if resuming else []
+    if latest:
+        state = ckpt.load_checkpoint(latest[0], acc.unwrap_model(model), optimizer, scheduler)
+    log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None)
+    if state.step == 0:
+        state.val_loss_before = validation_loss(model, objective, data.valid)
+        if cfg.eval.before:
+            _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, "before")
+        log.write({"step": 0, "val_loss": state.val_loss_before}) if state.val_loss_before is not None else None
+
+    progress = TrainProgress(total_steps, state.step, disabled=quiet)
+    order_cache: dict[int, list[int]] = {}
+    interrupted = False
+    with _StopFlag() as stop, progress:
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            micro = [_next_micro(data.train, state, order_cache) for _ in range(tc.grad_accum)]
+            num_items = sum(objective.num_items(b) for b in micro)
+            loss_sum, real_tokens = 0.0, 0
+            for i, batch in enumerate(micro):
+                real_tokens += int(batch.pop("real_tokens", torch.tensor(0)))
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                ctx = acc.no_sync(model) if i < len(micro) - 1 else _nullcontext()
+                with ctx, acc.autocast():
+                    loss, _ = objective.loss(model, batch, num_items)
+                    acc.backward(loss)
+                loss_sum += loss.item()
+            grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            dt = time.perf_counter() - t0
+            state.tokens += real_tokens
+            state.wall_s += dt
+            rec = {
+                "step": state.step, "epoch": round(state.epoch + state.micro / len(data.train), 4), "loss": loss_sum,
+                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": real_tokens / dt, "tokens": state.tokens, "elapsed_s": round(state.wall_s, 3),
+                "rss_mb": round(peak_rss_mb(), 1),
+            }
+            if state.step % tc.log_every == 0 or state.step == total_steps:
+                log.write(rec)
+                acc.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=state.step)
+            progress.update(state.step, loss_sum, rec["tokens_per_s"])
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps:
+                log.write({"step": state.step, "val_loss": validation_loss(model, objective, data.valid)})
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:
+                _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, f"step-{state.step}")
+            if (tc.save_every and state.step % tc.save_every == 0) or stop.requested:
+                ckpt.save_checkpoint(ckpt_root, acc.unwrap_model(model), optimizer, scheduler, state, tc.keep_last)
+            if stop.requested and state.step < total_steps:
+                interrupted = True
+                break
+
+    if interrupted:
+        acc.end_training()
+        return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True)
+    return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total))
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params) -> RunResult:  # noqa: ANN001
+    val_after = validation_loss(model, objective, data.valid)
+    if val_after is not None:
+        log.write({"step": state.step, "val_loss": val_after})
+    unwrapped = acc.unwrap_model(model)
+    final = run_dir / "final"
+    tmp = run_dir / ".final.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.save_final(unwrapped, tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "tunelab.json").write_text(json.dumps({"method": cfg.method.name, "model": cfg.model.model_dump()}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if cfg.eval.after:
+        _eval_tasks(cfg, unwrapped, tok, run_dir, "after")
+    summary = {
+        "trainable_params": params[0], "total_params": params[1], "steps": state.step,
+        "train_tokens": state.tokens, "wall_s": round(state.wall_s, 2),
+        "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
+        "val_loss_before": state.val_loss_before, "val_loss_after": val_after,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "final_dir": str(final), "data": data.stats,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    acc.end_training()
+    from tunelab.report import write_report
+
+    write_report(run_dir)
+    return RunResult(run_dir, summary)
