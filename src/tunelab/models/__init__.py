@@ -103,8 +103,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[to
         except (OSError, ValueError) as e:
             raise UserError(f"model.name: could not load '{cfg.name}': {e}") from None
         # a GGUF model remembers its quantization config though its weights are now dequantized tensors
-        if getattr(model.config, "quantization_config", None) and extra.get("gguf_file"):
-            del model.config.quantization_config
+        if extra.get("gguf_file"):
+            from tunelab.models.presets import _forget_gguf
+
+            _forget_gguf(model)
     tok = load_tokenizer(cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

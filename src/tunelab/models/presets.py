@@ -80,13 +80,20 @@ def smollm_model_dir() -> Path:
 
         g = _gguf_path()
         model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
-        del model.config.quantization_config  # the saved weights are plain fp32 tensors
+        _forget_gguf(model)
         model.save_pretrained(tmp)
         for f in smollm_tokenizer_dir().iterdir():
             if f.name != ".complete":
                 shutil.copy(f, tmp / f.name)
 
     return _atomic_dir(cache_dir() / "models" / SMOLLM_NAME, build)
+
+
+def _forget_gguf(model: Any) -> None:
+    """A model loaded from GGUF holds dequantized fp32 tensors but still says it is quantized; drop that."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 @cache
