@@ -97,7 +97,11 @@ class Registry(Generic[T]):
 
 
 def _type_name(annotation: Any) -> str:
-    s = getattr(annotation, "__name__", None) or str(annotation)
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    s = str(annotation) if get_args(annotation) else getattr(annotation, "__name__", str(annotation))
     return s.replace("typing.", "")
 
 

@@ -66,6 +66,14 @@ class PeftPassThrough(PeftMethod):
     def mergeable(self) -> bool:  # type: ignore[override]
         return self.cfg.type.lower() in MERGEABLE  # type: ignore[attr-defined]
 
+    @property
+    def supports_packing(self) -> bool:
+        # prompt-learning types prepend virtual tokens and drop (or offset) position_ids, so samples packed
+        # into one row would silently attend to each other
+        from peft.config import PromptLearningConfig
+
+        return not issubclass(peft_types()[self.cfg.type.lower()], PromptLearningConfig)  # type: ignore[attr-defined]
+
     def peft_config(self) -> Any:
         cls = peft_types()[self.cfg.type.lower()]  # type: ignore[attr-defined]
         try:

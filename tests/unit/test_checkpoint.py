@@ -1,0 +1,144 @@
+"""Checkpoints: exact round trip of params, optimizer, scheduler, RNG and loop state; atomicity; pruning."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tunelab.config import TrainConfig, validate
+from tunelab.methods import METHODS
+from tunelab.objectives import OBJECTIVES
+from tunelab.train.checkpoint import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.optim import build_optimizer, build_scheduler, param_groups
+
+
+def setup(make_model: Any, seed: int) -> tuple[Any, Any, Any]:
+    torch.manual_seed(seed)  # LoRA's A init draws from the global RNG: different seeds, different weights
+    cfg = validate({"method": {"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]}}).method
+    model = METHODS.get("lora")(cfg).apply(make_model())
+    tc = TrainConfig(lr=1e-2, warmup_ratio=0.2, scheduler="cosine")
+    opt = build_optimizer(param_groups(model, tc.lr, 0.0), tc)
+    return model, opt, build_scheduler(opt, tc, total_steps=10)
+
+
+def steps(model: Any, opt: Any, sched: Any, batch: dict, n: int) -> None:
+    obj = OBJECTIVES.get("sft")(OBJECTIVES.config_class("sft")())
+    model.train()
+    for _ in range(n):
+        loss, _ = obj.loss(model, batch, obj.num_items(batch))
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_round_trip_restores_everything(make_model: Any, sft_batch: dict, tmp_path: Path) -> None:
+    model, opt, sched = setup(make_model, 0)
+    steps(model, opt, sched, sft_batch, 3)
+    state = LoopState(step=3, epoch=1, micro=2, tokens=1234, wall_s=5.5, val_loss_before=2.5, extra={"k": 1})
+    random.seed(11)
+    np.random.seed(12)
+    torch.manual_seed(13)
+    path = save_checkpoint(tmp_path / "ckpt", model, opt, sched, state, keep_last=2)
+    assert path == tmp_path / "ckpt" / "step-3"
+    expect_rng = (random.random(), float(np.random.rand()), torch.rand(3))
+    # the continuation we expect to reproduce
+    params_at_save = trainable(model)
+    steps(model, opt, sched, sft_batch, 2)
+    params_after = trainable(model)
+    lr_after = sched.get_last_lr()
+
+    model2, opt2, sched2 = setup(make_model, 99)
+    assert any(not torch.equal(params_at_save[n], p) for n, p in trainable(model2).items())
+    random.seed(0)
+    torch.manual_seed(0)
+    loaded = load_checkpoint(path, model2, opt2, sched2)
+    assert loaded == state
+    for n, p in trainable(model2).items():
+        assert torch.equal(p, params_at_save[n]), n
+    assert sched2.last_epoch == 3
+    assert opt2.state_dict()["state"][0]["step"] == 3
+    got_rng = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert got_rng[0] == expect_rng[0] and got_rng[1] == expect_rng[1] and torch.equal(got_rng[2], expect_rng[2])
+
+    # continuing from the checkpoint is bit-identical to continuing without it
+    steps(model2, opt2, sched2, sft_batch, 2)
+    for n, p in trainable(model2).items():
+        assert torch.equal(p, params_after[n]), n
+    assert sched2.get_last_lr() == lr_after
+
+
+def test_optimizer_state_matters(make_model: Any, sft_batch: dict, tmp_path: Path) -> None:
+    """Negative control: without the optimizer state, the continuation differs (so the check above can fail)."""
+    model, opt, sched = setup(make_model, 0)
+    steps(model, opt, sched, sft_batch, 3)
+    path = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=3), keep_last=1)
+    steps(model, opt, sched, sft_batch, 1)
+    want = trainable(model)
+    model2, opt2, sched2 = setup(make_model, 0)
+    load_checkpoint(path, model2, opt2, sched2)
+    opt2.state.clear()  # lose Adam moments
+    steps(model2, opt2, sched2, sft_batch, 1)
+    assert any(not torch.equal(p, want[n]) for n, p in trainable(model2).items())
+
+
+def test_checkpoint_holds_only_trainable_params(make_model: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model, opt, sched = setup(make_model, 0)
+    path = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=1), keep_last=1)
+    saved = load_file(path / "trainable.safetensors")
+    assert set(saved) == set(trainable(model)) and len(saved) == 2 * 2 * 2
+    assert json.loads((path / "loop.json").read_text())["step"] == 1
+
+
+def test_leftover_tmp_and_incomplete_dirs_are_ignored(make_model: Any, tmp_path: Path) -> None:
+    model, opt, sched = setup(make_model, 0)
+    root = tmp_path / "checkpoints"
+    good = save_checkpoint(root, model, opt, sched, LoopState(step=4), keep_last=5)
+    # what a kill -9 during a save leaves behind: a temp dir (even a complete-looking one)
+    crashed = root / ".tmp-step-8-12345"
+    crashed.mkdir()
+    (crashed / "loop.json").write_text(json.dumps({"step": 8}))
+    # and a step dir without its loop.json (not written by save_checkpoint, but never trusted)
+    (root / "step-9").mkdir()
+    assert list_checkpoints(root) == [good]
+    # a later save with keep_last does not trip over the leftovers
+    save_checkpoint(root, model, opt, sched, LoopState(step=12), keep_last=5)
+    assert [p.name for p in list_checkpoints(root)] == ["step-4", "step-12"]
+    assert not list(root.glob(".tmp-step-12-*"))
+
+
+def test_keep_last_prunes_oldest(make_model: Any, tmp_path: Path) -> None:
+    model, opt, sched = setup(make_model, 0)
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8, 10):
+        save_checkpoint(root, model, opt, sched, LoopState(step=step), keep_last=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step-8", "step-10"]  # numeric, not lexical order
+    assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-8"]
+
+
+def test_resave_same_step_replaces(make_model: Any, tmp_path: Path) -> None:
+    model, opt, sched = setup(make_model, 0)
+    save_checkpoint(tmp_path, model, opt, sched, LoopState(step=5, tokens=1), keep_last=3)
+    save_checkpoint(tmp_path, model, opt, sched, LoopState(step=5, tokens=2), keep_last=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-5"]
+    assert json.loads((tmp_path / "step-5" / "loop.json").read_text())["tokens"] == 2
+
+
+def test_load_into_wrong_model_is_an_error(make_model: Any, tmp_path: Path) -> None:
+    model, opt, sched = setup(make_model, 0)
+    path = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=1), keep_last=1)
+    other = make_model()
+    with pytest.raises(RuntimeError, match="not in the model"):
+        load_checkpoint(path, other, opt, sched)
