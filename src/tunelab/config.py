@@ -67,7 +67,7 @@ class TrainConfig(Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, description="clip the global grad norm; null disables")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="autocast; auto = bf16 on supporting GPUs, none on CPU (no bf16 speed-up there)"
+        "auto", description="autocast; auto = bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), else none"
     )
     seed: int = 0
     save_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end / on signal)")
@@ -77,6 +77,11 @@ class TrainConfig(Strict):
     tensorboard: bool = True
     trackers: list[str] = Field(default_factory=list, description="extra accelerate trackers: wandb, mlflow, ...")
     num_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, v: Any) -> Any:
+        return "no" if v is False else v  # `mixed_precision: no` in YAML 1.1 arrives as False
 
 
 class EvalConfig(Strict):
@@ -167,6 +172,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise UserError(f"override '{item}' must look like key.sub=value")
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw  # YAML 1.1 reads yes/no/on/off as booleans; on the command line they are words
     node = data
     parts = key.split(".")
     for part in parts[:-1]:

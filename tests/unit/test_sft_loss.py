@@ -76,8 +76,6 @@ def test_sft_objective_matches_full_logits_reference(model: Any, sft_batch: dict
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), sft_batch["labels"].flatten(), ignore_index=IGNORE)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
     assert metrics["tokens"] == n
-    assert metrics["nll_sum"] == pytest.approx(ref.item() * n, rel=1e-5)
-    assert 0 <= metrics["correct"] <= n
 
 
 def test_sft_matches_transformers_own_loss(model: Any, sft_batch: dict[str, torch.Tensor]) -> None:
