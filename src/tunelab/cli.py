@@ -114,6 +114,109 @@ def export(
     typer.echo(f"wrote {path}")
 
 
+def _eval_model(spec: str, backend: str) -> tuple[object, object, str | None, str | None, str]:
+    """(model or None, tokenizer, weights dir, adapter dir, backend) for `tunelab eval`.
+
+    A run directory (RUN/final/tunelab.json) means base + tuned weights; anything else is a model name. When
+    vLLM will generate, the transformers model is not loaded at all (vLLM loads the weights itself).
+    """
+    import torch
+
+    from tunelab.config import ModelConfig
+    from tunelab.generate.backends import vllm_usable, weights_on_disk
+    from tunelab.models import load_model, load_tokenizer
+
+    run, device = Path(spec), "cuda" if torch.cuda.is_available() else "cpu"
+    if (run / "final" / "tunelab.json").is_file():
+        mcfg = ModelConfig(**json.loads((run / "final" / "tunelab.json").read_text())["model"])
+        if (run / "final" / "adapter_config.json").is_file():
+            path, adapter = weights_on_disk(mcfg.name), str(run / "final")
+        else:
+            path, adapter = str(run / "final"), None
+    else:
+        mcfg, path, adapter = ModelConfig(name=spec), weights_on_disk(spec), None
+    if backend == "vllm" or (backend == "auto" and path is not None and vllm_usable()):
+        return None, load_tokenizer(mcfg), path, adapter, "vllm"
+    if adapter is not None or path == str(run / "final"):
+        from tunelab.export import load_tuned
+
+        model, tok, _ = load_tuned(run, device)
+        return model, tok, None, None, "hf"
+    model, tok = load_model(mcfg, device)
+    return model, tok, None, None, "hf"
+
+
+@app.command("eval")
+def eval_(
+    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL | RUN_DIR]", help="model name/path, or a run directory (base + tuned weights)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="same as the positional argument")] = None,
+    task: Annotated[list[str], typer.Option("--task", help="task name (repeatable): humaneval, mbpp, codetasks, generation")] = ["humaneval"],  # noqa: B006
+    data: Annotated[str | None, typer.Option("--data", help="data file for tasks that take a path (mbpp, codetasks, generation)")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="dataset split (mbpp: prompt, test, validation, train, all)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    n_samples: Annotated[int | None, typer.Option("--n-samples", help="completions per problem")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="tokens per completion")] = None,
+    prompt_mode: Annotated[str | None, typer.Option("--prompt-mode", help="chat | completion | fewshot (mbpp) | auto")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="output dir (default: the run dir, else runs/eval)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows generated together")] = 16,
+    backend: Annotated[str, typer.Option("--backend", help="auto | hf | vllm")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Evaluate a model or a trained run on benchmark tasks; writes OUT/eval/<task>/eval/{summary.json,samples.jsonl}."""
+    from pydantic import ValidationError
+
+    from tunelab.evaluate.tasks import TASKS
+
+    spec = model or model_arg
+    if spec is None or (model and model_arg):
+        raise UserError("eval: give exactly one model: a name/path/run directory, positionally or with --model")
+    given = {"limit": limit, "n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+             "prompt_mode": prompt_mode, "path": data, "split": split}
+    configs = []
+    for name in task:
+        fields = TASKS.config_class(name).model_fields if name in TASKS else {}
+        extra = [k for k, v in given.items() if v is not None and k not in fields and name in TASKS]
+        if extra:
+            flags = ", ".join("--data" if k == "path" else "--" + k.replace("_", "-") for k in extra)
+            raise UserError(f"eval: task '{name}' takes no {flags}")
+        try:
+            configs.append(TASKS.parse({"name": name, **{k: v for k, v in given.items() if v is not None}}, "--task"))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(map(str, err["loc"]))
+            raise UserError(f"eval: task '{name}': {loc + ': ' if loc else ''}{err['msg']}") from None
+    for cfg in configs:  # read every task's data now: a bad file should not wait for a model to load
+        TASKS.get(cfg.name)(cfg).problems()  # type: ignore[attr-defined]
+    run_dir = Path(out) if out else Path(spec) if (Path(spec) / "final" / "tunelab.json").is_file() else Path("runs/eval")
+    # imported only now: it pulls in torch, and argument mistakes above should fail fast
+    from tunelab.evaluate.runner import evaluate_tasks
+
+    mdl, tok, path, adapter, used = _eval_model(spec, backend)
+    summaries = evaluate_tasks(mdl, tok, configs, run_dir, "eval", batch_size=batch_size, backend=used,
+                               model_path=path, adapter_path=adapter, quiet=quiet)
+    _print_eval(run_dir, summaries)
+
+
+def _print_eval(run_dir: Path, summaries: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for key, s in summaries.items():
+        t = Table(title=f"eval {key}", show_header=False)
+        for name, value in s["metrics"].items():
+            t.add_row(name, f"{value:.4f}")
+        t.add_row("problems x samples", f"{s['n_problems']} x {s['n_samples']} ({s['settings']['decoding']})")
+        t.add_row("wall time", f"{s['wall_s']:.1f} s")
+        console.print(t)
+        # plain echo: paths must not be wrapped or ellipsised by the table layout
+        for warning in s.get("warnings") or []:
+            console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+        folder = run_dir / "eval" / key / s["label"]
+        typer.echo(f"samples: {folder / 'samples.jsonl'}\nsummary: {folder / 'summary.json'}")
+
+
 @app.command()
 def quickstart(
     out: Annotated[str, typer.Option("--out", help="run directory")] = "runs/quickstart",
@@ -127,7 +230,10 @@ def quickstart(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # non-standalone click returns the code of a `typer.Exit` raised in a command instead of exiting
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         if _DEBUG["on"]:
             raise

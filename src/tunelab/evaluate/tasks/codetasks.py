@@ -1,0 +1,96 @@
+"""Your own code benchmark from a JSONL file, scored like HumanEval (Chen et al. 2021, arXiv 2107.03374):
+run the candidate plus its tests in the sandbox, report the unbiased pass@k.
+
+One JSON object per line: `prompt` (the task text, or a signature + docstring to continue in completion
+mode), `tests` (a list of assert statements, or one string of test code; a string that defines
+`check(candidate)` gets `check(<entry_point>)` appended, as in HumanEval), `entry_point` (the function
+under test), optional `setup` (code the sandbox runs first) and optional `id` (default: the line number).
+A malformed row is an error naming file:line, before any generation starts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tunelab.errors import UserError
+from tunelab.evaluate.tasks import TASKS
+from tunelab.evaluate.tasks._base import (
+    CODE_COMPLETION_STOP,
+    Problem,
+    Prompt,
+    Task,
+    TaskConfig,
+    code_request,
+    read_jsonl,
+)
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DEFINES_CHECK = re.compile(r"^def check\(", re.MULTILINE)
+
+
+class CodeTasksConfig(TaskConfig):
+    name: Literal["codetasks"] = "codetasks"
+    path: str = Field(description="JSONL file: prompt, tests, entry_point, optional setup and id per line")
+
+
+def _problem(row: dict[str, Any], where: str, lineno: int) -> Problem:
+    missing = [k for k in ("prompt", "tests", "entry_point") if k not in row]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)} (need prompt, tests, entry_point)")
+    prompt, tests, entry, setup = row["prompt"], row["tests"], row["entry_point"], row.get("setup")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(entry, str) or not _IDENT.fullmatch(entry):
+        raise UserError(f"{where}: 'entry_point' must be a Python identifier, got {entry!r}")
+    if isinstance(tests, list):
+        if not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+            raise UserError(f"{where}: 'tests' must be a non-empty list of assert strings")
+        code = "\n".join(tests)
+    elif isinstance(tests, str) and tests.strip():
+        code = tests + (f"\n\ncheck({entry})" if _DEFINES_CHECK.search(tests) else "")
+    else:
+        raise UserError(f"{where}: 'tests' must be a list of assert strings or a string of test code")
+    if setup is not None and not isinstance(setup, str):
+        raise UserError(f"{where}: 'setup' must be a string of Python code")
+    pid = row.get("id", lineno)
+    if not isinstance(pid, str | int):
+        raise UserError(f"{where}: 'id' must be a string or an integer")
+    extra = sorted(set(row) - {"prompt", "tests", "entry_point", "setup", "id"})
+    meta = {k: row[k] for k in extra}
+    return Problem(id=str(pid), prompt=prompt, tests=code, entry_point=entry, setup=setup or None, meta=meta)
+
+
+@TASKS.register("codetasks")
+class CodeTasks(Task):
+    Config = CodeTasksConfig
+
+    def load(self) -> list[Problem]:
+        path = self.cfg.path  # type: ignore[attr-defined]
+        problems: list[Problem] = []
+        seen: dict[str, int] = {}
+        for lineno, row in read_jsonl(path, "codetasks.path"):
+            where = f"{path}:{lineno}"
+            p = _problem(row, where, lineno)
+            if p.id in seen:
+                raise UserError(f"{where}: duplicate id {p.id!r} (first on line {seen[p.id]})")
+            seen[p.id] = lineno
+            problems.append(p)
+        return problems
+
+    def prompt(self, problem: Problem) -> Prompt:
+        if self.mode == "completion":
+            return problem.prompt
+        return code_request(f"{problem.prompt.strip()}\n\nThe solution must define `{problem.entry_point}`.")
+
+    def stop(self) -> tuple[str, ...]:
+        return CODE_COMPLETION_STOP if self.mode == "completion" else ()
+
+    def program(self, problem: Problem, completion: str) -> tuple[str, str | None]:
+        from tunelab.evaluate.extract import extract_code
+
+        mode = "completion" if self.mode == "completion" else "chat"
+        code = extract_code(completion, prompt=problem.prompt, entry_point=problem.entry_point, mode=mode)
+        return f"{code}\n\n{problem.tests}\n", problem.setup
