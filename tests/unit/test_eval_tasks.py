@@ -229,6 +229,17 @@ def test_mbpp_reference_solutions_pass_and_wrong_ones_fail() -> None:
     assert fewshot.score(p, [p.reference + "\n"])[0].passed
 
 
+@needs_mbpp
+def test_mbpp_setup_code_runs_after_the_candidate() -> None:
+    """Tasks 367 and 927 build their test trees with the candidate's own Node class in test_setup_code."""
+    task = _task({"name": "mbpp", "path": str(MBPP_FILE), "split": "all", "prompt_mode": "chat"})
+    probs = {p.id: p for p in task.problems() if p.id in ("367", "927")}
+    assert set(probs) == {"367", "927"} and all(p.setup for p in probs.values())
+    for p in probs.values():
+        (good,) = task.score(p, [_fenced(p.reference)])
+        assert good.passed, (p.id, good.status, good.reason)
+
+
 def test_text_task_through_the_runner(tmp_path: Path) -> None:
     from tunelab.evaluate.runner import run_task
 

@@ -866,7 +866,12 @@ def _probe(kind: str) -> _Isolation | None:
     variants = [dataclasses.replace(v, runner_code=compiled) for v in variants]
     for iso in variants:
         plan = _analyse(_PROBE_PROGRAM, None)
-        result = _run(plan, iso, timeout=15.0, memory_mb=512)
+        # a probe that merely ran out of time says nothing about the isolation (a loaded machine): retry
+        # with more time rather than fall back to weaker isolation for the rest of the process
+        for timeout in (15.0, 45.0, 120.0):
+            result = _run(plan, iso, timeout=timeout, memory_mb=512)
+            if result.status not in ("timeout", "killed"):
+                break
         if result.status != "passed":
             _DETECT_ERRORS.append(f"{kind}: {result.status}: {result.reason} {result.stderr.strip()[-300:]}")
             continue
@@ -897,8 +902,11 @@ def _detect() -> _Isolation:
                     _DETECTED = iso
                     break
             else:
-                # Still run (the caller gets sandbox_error results with the reasons) rather than raise.
-                _DETECTED = _Isolation("none", *_interpreter()[:2], note="; ".join(_DETECT_ERRORS)[:1000])
+                # Still run (the caller gets sandbox_error results with the reasons) rather than raise, but
+                # do not cache the failure: the next call probes again.
+                none = _Isolation("none", *_interpreter()[:2], note="; ".join(_DETECT_ERRORS)[:1000])
+                _DETECT_ERRORS.clear()
+                return none
         return _DETECTED
 
 

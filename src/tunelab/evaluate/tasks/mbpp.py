@@ -3,7 +3,7 @@
 or the hand-verified `sanitized-mbpp.json`, CC BY 4.0).
 
 Each problem is one sentence (`text`) plus three `assert` tests; a problem is solved iff the candidate,
-followed by all its asserts, runs to the end in the sandbox (`test_setup_code` runs first as setup;
+followed by all its asserts, runs to the end in the sandbox (`test_setup_code` runs between the code and the asserts;
 `challenge_test_list` only when `challenge_tests` is on). Splits are by task_id as in the paper and the HF
 `mbpp` "full" config: prompt 1-10, test 11-510, validation 511-600, train 601-974. `fewshot` mode is the
 paper's 3-shot prompt with task_ids 2, 3 and 4 as exemplars, each "You are an expert Python programmer,
@@ -152,7 +152,10 @@ class MBPP(Task):
         # it is not plain Python does the prose/fence-aware extractor pick the code out
         if self.mode != "fewshot" or not _parses(code):
             code = extract_code(completion, mode="chat")
-        return f"{code}\n\n{problem.tests}\n", problem.setup
+        # test_setup_code may build inputs from the candidate's own classes (tasks 367, 927 build trees
+        # from its Node), so it runs after the candidate code, before the asserts
+        setup = f"{problem.setup}\n\n" if problem.setup else ""
+        return f"{code}\n\n{setup}{problem.tests}\n", None
 
 
 def _parses(code: str) -> bool:
