@@ -71,8 +71,15 @@ def _print_summary(run_dir: Path, s: dict) -> None:
     t.add_row("steps / tokens", f"{s['steps']} / {s['train_tokens']:,} ({s['tokens_per_s'] or 0:,.0f} tok/s)")
     if s.get("val_loss_before") is not None:
         t.add_row("validation loss", f"{s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}")
-    for task, rows in (s.get("eval") or {}).items():
-        t.add_row(f"eval {task}", rows)
+    for task_dir in sorted((run_dir / "eval").glob("*")):
+        scores = []
+        for label in ("before", "after"):
+            f = task_dir / label / "summary.json"
+            if f.is_file():
+                metrics = json.loads(f.read_text()).get("metrics", {})
+                scores.append(f"{label} " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float | int)))
+        if scores:
+            t.add_row(f"eval {task_dir.name}", " -> ".join(scores))
     Console().print(t)
 
 
