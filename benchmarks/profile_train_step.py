@@ -17,9 +17,11 @@ objective, optimizer), then for `--steps` optimizer steps after `--warmup` steps
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -72,6 +74,7 @@ def build(a: argparse.Namespace) -> dict[str, Any]:
 
         AttentionInterface.register("packed_sdpa", packed_sdpa)
     tmp = Path(tempfile.mkdtemp(prefix="tl-prof-"))
+    atexit.register(shutil.rmtree, tmp, True)
     data_file = tmp / "mbpp_train.jsonl"
     with data_file.open("w") as f:
         for user, code in mbpp_chats(Path(a.mbpp)):

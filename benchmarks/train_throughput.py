@@ -81,8 +81,8 @@ class StepClock:
         self.micro: list[dict[str, int]] = []
 
     def _mark(self) -> None:
-        self.marks.append({"t": time.perf_counter(), "cpu": time.process_time(), "n_micro": len(self.micro),
-                           "rss_mb": peak_rss_mb()})
+        self.marks.append({"t": time.perf_counter(), "cpu": time.process_time(), "busy": _busy_cpu_s(),
+                           "n_micro": len(self.micro), "rss_mb": peak_rss_mb()})
 
     def start(self) -> None:
         if not self.marks:
@@ -101,6 +101,7 @@ class StepClock:
             mb = self.micro[prev["n_micro"] : cur["n_micro"]]
             out.append({
                 "step": k, "loss": losses.get(k), "seconds": cur["t"] - prev["t"], "cpu_s": cur["cpu"] - prev["cpu"],
+                "machine_busy_s": cur["busy"] - prev["busy"],
                 "real_tokens": sum(m["real"] for m in mb), "fed_tokens": sum(m["fed"] for m in mb),
                 "label_tokens": sum(m["labels"] for m in mb), "samples": sum(m["samples"] for m in mb),
                 "micro_batches": len(mb), "rss_mb": round(cur["rss_mb"], 1),
@@ -113,7 +114,7 @@ def child_tunelab(a: argparse.Namespace, packing: bool, batch_size: int) -> dict
     import tunelab.train.loop as tloop
     from tunelab.config import load_config
 
-    tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="tl-run-", dir=".")).resolve()  # cwd: the parent's temp dir
     data_file = tmp / "mbpp_train.jsonl"
     with data_file.open("w") as f:
         for user, code in mbpp_chats(Path(a.mbpp)):
@@ -178,7 +179,7 @@ def child_trl(a: argparse.Namespace, packing: bool, rows_per_micro: int, grad_ac
     ])
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix="trl-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="trl-run-", dir=".")).resolve()  # cwd: the parent's temp dir
     args = SFTConfig(
         output_dir=str(tmp), max_steps=a.steps, per_device_train_batch_size=rows_per_micro,
         gradient_accumulation_steps=grad_accum, learning_rate=a.lr, lr_scheduler_type=a.scheduler, warmup_steps=0,
@@ -255,6 +256,7 @@ def summarize(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
     timed = steps[warmup:]
     secs = sum(s["seconds"] for s in timed)
     cpu = sum(s["cpu_s"] for s in timed)
+    busy = sum(s.get("machine_busy_s", float("nan")) for s in timed)
     real = sum(s["real_tokens"] for s in timed)
     fed = sum(s["fed_tokens"] for s in timed)
     losses = [s["loss"] for s in steps]
@@ -278,6 +280,8 @@ def summarize(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         "trainable_params": raw.get("trainable_params"), "data": raw.get("data"),
         "loadavg_before": raw["loadavg_before"], "loadavg_after": raw["loadavg_after"],
         "loadavg_mean_during": raw.get("loadavg_mean"), "other_processes_cores": raw.get("other_processes_cores"),
+        # the same over the timed steps only: what the rest of the machine used while tokens/s was measured
+        "other_processes_cores_timed": round(max(0.0, busy - cpu) / secs, 2) if secs and busy == busy else None,
     }
 
 
@@ -340,7 +344,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"(non-padding) tokens / wall time over steps {s['warmup_steps'] + 1}..{s['steps']} "
         f"(first {s['warmup_steps']} excluded).", "",
         "| run | real tok/s | fed tok/s | real tok per CPU-s | padding | samples/step | real tok/step | s/step | "
-        "peak RSS MB | final loss | mean loss last 5 | process wall s | other processes' CPU (cores) |",
+        "peak RSS MB | final loss | mean loss last 5 | process wall s | other processes' CPU, timed steps (whole run), cores |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in res["runs"].items():
@@ -351,7 +355,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{f(100 * r['padding_fraction'])}% | "
             f"{f(r['samples_per_step'], 2)} | {f(r['real_tokens_per_step'], 0)} | {f(r['seconds_per_step'], 2)} | "
             f"{f(r['peak_rss_mb'], 0)} | {f(r['final_loss'], 4)} | {f(r['mean_loss_last5'], 4)} | "
-            f"{f(r['process_wall_s'], 0)} | {f(r.get('other_processes_cores'), 2)} |"
+            f"{f(r['process_wall_s'], 0)} | {f(r.get('other_processes_cores_timed'), 2)} ({f(r.get('other_processes_cores'), 2)}) |"
         )
     lines += ["", "| ratio (tunelab / TRL) | value | target | met |", "|---|---:|---:|---|"]
     for key, target, better in (
@@ -377,7 +381,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"label-count ratio {chk['label_token_ratio_tunelab_over_trl']}; the measured per-step loss ratio "
                   f"TRL / tunelab averages {chk['mean_per_step_loss_ratio']} "
                   f"(per step: {', '.join(str(x) for x in chk['per_step_loss_ratio_trl_over_tunelab'])})."]
-    busy = [k for k, r in res["runs"].items() if (r.get("other_processes_cores") or 0) > 0.1]
+    busy = [k for k, r in res["runs"].items()
+            if (r.get("other_processes_cores_timed", r.get("other_processes_cores")) or 0) > 0.1]
     if busy:
         lines += ["", f"Warning: other processes used CPU during {', '.join(busy)} (see the last column); those timings are "
                   "skewed. Re-measure a run with `--merge --runs NAME` (same other arguments)."]
