@@ -14,7 +14,7 @@ from tunelab.errors import UserError
 
 def load_tuned(run: Path, device: str = "cpu") -> tuple[torch.nn.Module, object, object]:
     """(tuned model, tokenizer, method) rebuilt from RUN/final on top of the base model."""
-    from tunelab.config import validate
+    from tunelab.config import read_yaml, validate
     from tunelab.methods import METHODS
     from tunelab.models import load_model
 
@@ -23,7 +23,7 @@ def load_tuned(run: Path, device: str = "cpu") -> tuple[torch.nn.Module, object,
     if not meta.is_file():
         raise UserError(f"{run}: no finished run here ({meta} missing); train it first or pass a run directory")
     info = json.loads(meta.read_text())
-    cfg = validate(__import__("yaml").safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    cfg = validate(read_yaml(run / "config.yaml"), str(run / "config.yaml"))
     base, tok = load_model(ModelConfig(**info["model"]), device)
     method = METHODS.get(info["method"])(cfg.method)
     return method.load_final(base, final), tok, method

@@ -107,7 +107,7 @@ GOOD = {"prompt": "Add two numbers.", "tests": ["assert add(1, 2) == 3"], "entry
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("{not json", "invalid JSON"),
+        ("{not json", "malformed JSON"),
         ({"prompt": "x", "entry_point": "f"}, "missing field"),
         ({**GOOD, "tests": []}, "non-empty list"),
         ({**GOOD, "tests": 3}, "'tests' must be"),

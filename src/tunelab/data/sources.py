@@ -40,7 +40,8 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict[str
         yield from _hub_dataset(source, split)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line; a bad line is a UserError naming file:line."""
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -51,7 +52,12 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise UserError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix or remove line {i}") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
-            yield f"{path}:{i}", row
+            yield i, row
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for i, row in iter_jsonl(path):
+        yield f"{path}:{i}", row
 
 
 def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -1245,15 +1245,21 @@ class _Monitor:
             f"; {self.checks_ok} assertion(s) checked outside the sandbox" if self.checks_ok else ""))
 
     # -- output -------------------------------------------------------------------------------------
-    def feed_output(self, which: str, data: bytes) -> None:
+    def append_output(self, which: str, data: bytes) -> bool:
+        """Keep output up to the cap; True when this chunk went over it."""
         buf = self.out if which == "stdout" else self.err
         room = OUTPUT_LIMIT - len(buf)
         buf += data[: max(room, 0)]
-        if len(data) > room:
-            if which == "stdout":
-                self.out_over = True
-            else:
-                self.err_over = True
+        if len(data) <= room:
+            return False
+        if which == "stdout":
+            self.out_over = True
+        else:
+            self.err_over = True
+        return True
+
+    def feed_output(self, which: str, data: bytes) -> None:
+        if self.append_output(which, data):
             self.decide("output_limit", f"the program wrote more than {OUTPUT_LIMIT // 1024} KiB to {which}")
 
 
@@ -1488,15 +1494,8 @@ def _drain(proc: subprocess.Popen[bytes], monitor: _Monitor, chan_r: int) -> Non
             if which == "chan":
                 if monitor.verdict is None:
                     monitor.feed_channel(data)
-            else:
-                buf = monitor.out if which == "stdout" else monitor.err
-                room = OUTPUT_LIMIT - len(buf)
-                buf += data[: max(room, 0)]
-                if len(data) > room:
-                    if which == "stdout":
-                        monitor.out_over = True
-                    else:
-                        monitor.err_over = True
+            else:  # after exit: only keep the output; _result turns an overflow into the verdict
+                monitor.append_output(which, data)
 
 
 def _result(proc: subprocess.Popen[bytes], monitor: _Monitor, iso: _Isolation, t0: float,

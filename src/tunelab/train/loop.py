@@ -11,8 +11,10 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +112,7 @@ def validation_loss(model: Any, objective: Any, batches: Batches | None, acc: An
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         n = objective.num_items(batch)
-        with acc.autocast() if acc is not None else _nullcontext():
+        with acc.autocast() if acc is not None else nullcontext():
             loss, _ = objective.loss(model, batch, n)
         total += loss.item() * n
         count += n
@@ -172,7 +174,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         state.val_loss_before = validation_loss(model, objective, data.valid, acc)
         if cfg.eval.before:
             _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, "before")
-        log.write({"step": 0, "val_loss": state.val_loss_before}) if state.val_loss_before is not None else None
+        if state.val_loss_before is not None:
+            log.write({"step": 0, "val_loss": state.val_loss_before})
 
     progress = TrainProgress(total_steps, state.step, disabled=quiet)
     order_cache: dict[int, list[int]] = {}
@@ -186,7 +189,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
             for i, batch in enumerate(micro):
                 real_tokens += int(batch.pop("real_tokens", torch.tensor(0)))
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                ctx = acc.no_sync(model) if i < len(micro) - 1 else _nullcontext()
+                ctx = acc.no_sync(model) if i < len(micro) - 1 else nullcontext()
                 with ctx, acc.autocast():
                     loss, _ = objective.loss(model, batch, num_items)
                     acc.backward(loss)
@@ -226,14 +229,6 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total))
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
 def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params) -> RunResult:  # noqa: ANN001
     val_after = validation_loss(model, objective, data.valid, acc)
     if val_after is not None:
@@ -241,8 +236,6 @@ def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, 
     unwrapped = acc.unwrap_model(model)
     final = run_dir / "final"
     tmp = run_dir / ".final.tmp"
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     method.save_final(unwrapped, tmp)
     tok.save_pretrained(tmp)

@@ -10,7 +10,6 @@ every k in {1, 10, 100} that is <= n_samples.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,21 +152,12 @@ class Task:
 
 def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a bad line is a UserError naming file:line."""
+    from tunelab.data.sources import iter_jsonl
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{what}: file not found: {p}")
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    rows = list(iter_jsonl(p))
     if not rows:
         raise UserError(f"{p}: no rows")
     return rows
