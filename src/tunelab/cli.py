@@ -166,7 +166,7 @@ def eval_(
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="tokens per completion")] = None,
     prompt_mode: Annotated[str | None, typer.Option("--prompt-mode", help="chat | completion | fewshot (mbpp) | auto")] = None,
     out: Annotated[str | None, typer.Option("--out", help="output dir (default: the run dir, else runs/eval)")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows generated together")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once (continuous batching: a finished row makes room for the next)")] = 16,
     backend: Annotated[str, typer.Option("--backend", help="auto | hf | vllm")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:

@@ -123,3 +123,59 @@ def test_bad_settings_are_user_errors(tiny) -> None:
         SamplingSettings(top_p=0)
     with pytest.raises(UserError, match="unknown"):
         Engine(tiny[0], tiny[1], backend="nope")  # type: ignore[arg-type]
+
+
+def test_continuous_batching_matches_static_batches_and_single_rows(tiny) -> None:
+    model, tok = tiny
+    prompts = PROMPTS * 2  # 10 rows through 3 slots: rows join and leave a live batch many times
+    settings = SamplingSettings(max_new_tokens=20, stop=("e t",))
+    cont = Engine(model, tok, batch_size=3)
+    assert isinstance(cont.backend, HFBackend) and cont.backend.continuous
+    static = Engine(model, tok, batch_size=3)
+    static.backend.continuous = False  # type: ignore[attr-defined]
+    single = Engine(model, tok, batch_size=1)
+    got, ref, one = (e.generate(prompts, settings) for e in (cont, static, single))
+    for a, b, c in zip(got, ref, one, strict=True):
+        assert (a[0].text, a[0].n_tokens, a[0].finish_reason) == (b[0].text, b[0].n_tokens, b[0].finish_reason)
+        assert a[0].text == c[0].text
+    assert {c[0].finish_reason for c in got} <= {"eos", "stop", "length"}
+    assert any(c[0].finish_reason == "length" and c[0].n_tokens == 20 for c in got)
+
+
+def test_a_sampled_row_does_not_depend_on_its_batch(tiny) -> None:
+    model, tok = tiny
+    s = SamplingSettings(max_new_tokens=10, temperature=0.8, top_p=0.9, n=2, seed=3)
+    wide = Engine(model, tok, batch_size=8).generate(PROMPTS, s)
+    narrow = Engine(model, tok, batch_size=1).generate(PROMPTS, s)
+    assert [[c.text for c in row] for row in wide] == [[c.text for c in row] for row in narrow]
+
+
+def test_sample_next_greedy_and_nucleus_by_hand() -> None:
+    from tunelab.generate.backends.hf import sample_next
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert sample_next(logits, 0.0, 1.0, None).tolist() == [0]
+    # top_p 0.75: 0.5 alone is short of 0.75, 0.5 + 0.3 reaches it -> only tokens 0 and 1 can come out
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.75, [gen])[0]) for _ in range(300)}
+    assert draws == {0, 1}
+    # top_p 0.5: the top token alone already holds 0.5
+    assert {int(sample_next(logits, 1.0, 0.5, [gen])[0]) for _ in range(50)} == {0}
+    # temperature 1, no nucleus: all four appear, with frequencies near their probabilities
+    counts = torch.bincount(torch.cat([sample_next(logits, 1.0, 1.0, [gen]) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, probs[0], atol=0.03)
+    # a low temperature sharpens: p0 ∝ 0.5^(1/0.25) dominates
+    sharp = torch.cat([sample_next(logits, 0.25, 1.0, [gen]) for _ in range(400)])
+    assert (sharp == 0).float().mean() > 0.85
+
+
+def test_prompt_learning_models_fall_back_to_static_generate(tiny) -> None:
+    from peft import PromptTuningConfig, get_peft_model
+
+    model, tok = load_model(ModelConfig(name="tiny-llama"))
+    pt = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    engine = Engine(pt, tok, batch_size=2)
+    assert not engine.backend.continuous  # type: ignore[attr-defined]
+    out = engine.generate(PROMPTS[:3], SamplingSettings(max_new_tokens=6))
+    assert all(len(row) == 1 and row[0].n_tokens <= 6 for row in out)

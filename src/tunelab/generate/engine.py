@@ -2,9 +2,9 @@
 
 A prompt is either a list of chat messages (rendered with the tokenizer's chat template and
 `add_generation_prompt=True`, via `tunelab.data.templating.render`) or a plain string (raw completion
-mode: the model continues the text). Every (prompt, sample) pair is one row; rows are sorted by token
-length and cut into batches so that a batch holds prompts of similar length and left padding stays small.
-Stop strings are matched on decoded text, a row stops as soon as it emits one, and the returned text
+mode: the model continues the text). Every (prompt, sample) pair is one row with its own sampling seed
+(`row_seed`); the backend decodes up to `batch_size` rows at a time and hands back each row when it
+finishes (the HF backend batches continuously: a finished row's place goes to the next prompt). Stop strings are matched on decoded text, a row stops as soon as it emits one, and the returned text
 ends before it. The work is done by a backend (`backends/hf.py`: transformers `generate`, KV cache, left
 padding; `backends/vllm.py`: vLLM when installed, on CUDA, with the weights on disk); both return the same
 `Completion` records.
@@ -68,6 +68,11 @@ class _Row:
     ids: list[int] = field(repr=False)
 
 
+def row_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """The sampling seed of one (prompt, sample) row: fixed by the run's seed, not by how rows are batched."""
+    return (seed * 1_000_003 + prompt_index * 65_537 + sample) % (2**63 - 1)
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the earliest stop string (excluded) and whether one was found."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
@@ -117,16 +122,21 @@ class Engine:
         return list(ids)
 
     def stream(self, prompts: Sequence[Prompt], settings: SamplingSettings) -> Iterator[list[Generated]]:
-        """Yield the finished rows batch by batch (longest prompts first), so callers can score early."""
+        """Yield finished rows in small groups as the backend finishes them, so callers can score early."""
         encoded = [self.encode(p) for p in prompts]
         rows = [_Row(i, s, ids) for i, ids in enumerate(encoded) for s in range(settings.n)]
-        # longest first: a too-long batch fails at once rather than after an hour of work
+        # longest first: a prompt too long for the model fails at once rather than after an hour of work
         rows.sort(key=lambda r: (-len(r.ids), r.prompt_index, r.sample))
-        size = max(self.batch_size, getattr(self.backend, "min_batch_rows", 1))
-        for b, start in enumerate(range(0, len(rows), size)):
-            batch = rows[start : start + size]
-            outs = self.backend.generate([r.ids for r in batch], settings, seed=settings.seed + b)
-            yield [Generated(r.prompt_index, r.sample, c) for r, c in zip(batch, outs, strict=True)]
+        seeds = [row_seed(settings.seed, r.prompt_index, r.sample) for r in rows]
+        flush = min(8, self.batch_size)
+        ready: list[Generated] = []
+        for finished in self.backend.generate([r.ids for r in rows], settings, seeds, self.batch_size):
+            ready += [Generated(rows[k].prompt_index, rows[k].sample, c) for k, c in finished]
+            if len(ready) >= flush:
+                yield ready
+                ready = []
+        if ready:
+            yield ready
 
     def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings) -> list[list[Completion]]:
         """`settings.n` completions for every prompt, in input order."""

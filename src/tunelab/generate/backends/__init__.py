@@ -1,6 +1,7 @@
 """Generation backends: `hf` (transformers, always available) and `vllm` (optional extra).
 
-A backend turns a batch of token-id rows into `Completion`s: `generate(rows, settings, seed)`. `auto`
+A backend decodes token-id rows and yields `(row index, Completion)` pairs as rows finish:
+`generate(rows, settings, seeds, batch_size)`, one sampling seed per row. `auto`
 picks vLLM only when it is importable, CUDA is available and the weights are on disk (`model_path`);
 otherwise transformers. Both apply the same stop-string rule, so results have the same form either way.
 """
@@ -8,6 +9,7 @@ otherwise transformers. Both apply the same stop-string rule, so results have th
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +19,7 @@ from tunelab.errors import UserError, missing_extra
 class Backend(Protocol):
     name: str
 
-    def generate(self, rows: list[list[int]], settings: Any, seed: int) -> list[Any]: ...
+    def generate(self, rows: list[list[int]], settings: Any, seeds: list[int], batch_size: int) -> Iterator[list[tuple[int, Any]]]: ...
 
 
 def vllm_usable() -> bool:

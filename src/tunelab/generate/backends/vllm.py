@@ -8,12 +8,13 @@ vLLM loads the model itself, so it evaluates what is on disk: `model_path` is th
 or hub id) and `adapter_path` an optional saved PEFT LoRA adapter, applied through `LoRARequest`. Prompts
 are passed as token ids produced by tunelab's own tokenization, so both backends see identical inputs.
 vLLM batches continuously, so it takes large chunks of rows at once (`min_batch_rows`). Each row gets its
-own seed (`seed + row`), which makes sampled outputs reproducible for the same inputs.
+own seed (`engine.row_seed`), which makes sampled outputs reproducible for the same inputs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +53,26 @@ class VLLMBackend:
         # the HF model of the caller may still occupy the GPU; leave it room
         self.llm = LLM(model=str(model_path), dtype="auto", gpu_memory_utilization=0.8, seed=0, **kw)
 
-    def generate(self, rows: list[list[int]], settings: SamplingSettings, seed: int) -> list[Completion]:
+    def generate(
+        self, rows: list[list[int]], settings: SamplingSettings, seeds: list[int], batch_size: int
+    ) -> Iterator[list[tuple[int, Completion]]]:
         from vllm import SamplingParams
 
+        # vLLM schedules its own continuous batch; big chunks keep it full while results still stream out
+        chunk = max(batch_size, self.min_batch_rows)
         sampling = {} if settings.greedy else {"top_p": settings.top_p}
-        params = [
-            SamplingParams(
-                n=1, temperature=settings.temperature, max_tokens=settings.max_new_tokens,
-                stop=list(settings.stop) or None, seed=seed * 100_003 + i, skip_special_tokens=True, **sampling,
-            )
-            for i in range(len(rows))
-        ]
-        prompts = [{"prompt_token_ids": r} for r in rows]
-        outs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
-        return [self._completion(o.outputs[0], settings) for o in outs]
+        for start in range(0, len(rows), chunk):
+            part = range(start, min(start + chunk, len(rows)))
+            params = [
+                SamplingParams(
+                    n=1, temperature=settings.temperature, max_tokens=settings.max_new_tokens,
+                    stop=list(settings.stop) or None, seed=seeds[i], skip_special_tokens=True, **sampling,
+                )
+                for i in part
+            ]
+            prompts = [{"prompt_token_ids": rows[i]} for i in part]
+            outs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+            yield [(i, self._completion(o.outputs[0], settings)) for i, o in zip(part, outs, strict=True)]
 
     @staticmethod
     def _completion(out: Any, settings: SamplingSettings) -> Completion:
