@@ -217,6 +217,19 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path: Path) 
     assert "pass@1" in write_report(tmp_path).read_text()
 
 
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_all_164_humaneval_canonical_solutions_pass_through_the_harness(mode: str) -> None:
+    # a 0.0 baseline must mean the model failed, not the harness: every canonical solution, as a completion
+    # (the body continuing the prompt) or as a chat answer (the whole function in a fence), passes
+    from tunelab.evaluate.sandbox import execute_many
+
+    task = _task({"name": "humaneval", "prompt_mode": mode})
+    problems = task.problems()
+    answers = [p.reference[len(p.prompt):] if mode == "completion" else _fenced(p.reference) for p in problems]
+    results = execute_many([task.program(p, a) for p, a in zip(problems, answers, strict=True)])
+    assert [p.id for p, r in zip(problems, results, strict=True) if not r.passed] == []
+
+
 @needs_mbpp
 def test_mbpp_reference_solutions_pass_and_wrong_ones_fail() -> None:
     task = _task({"name": "mbpp", "path": str(MBPP_FILE), "limit": 5, "prompt_mode": "chat"})
