@@ -91,12 +91,12 @@ def run_naive(model: Any, tok: Any, limit: int | None, max_new: int, jail: list[
 
     from tunelab.evaluate.tasks import TASKS
     from tunelab.generate import Engine
-    from tunelab.generate.backends.hf import _eos_ids
+    from tunelab.generate.backends.hf import eos_ids
 
     task = TASKS.get("humaneval")(TASKS.parse({"name": "humaneval", "prompt_mode": "chat", "limit": limit}, "bench"),
                                   chat_template=True)
     encode = Engine(model, tok).encode  # only for the identical prompt tokens; no generation through it
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     passed, completions, tokens = {}, {}, 0
     model.eval()
     t0 = time.perf_counter()

@@ -4,10 +4,10 @@ A prompt is either a list of chat messages (rendered with the tokenizer's chat t
 `add_generation_prompt=True`, via `tunelab.data.templating.render`) or a plain string (raw completion
 mode: the model continues the text). Every (prompt, sample) pair is one row with its own sampling seed
 (`row_seed`); the backend decodes up to `batch_size` rows at a time and hands back each row when it
-finishes (the HF backend batches continuously: a finished row's place goes to the next prompt). Stop strings are matched on decoded text, a row stops as soon as it emits one, and the returned text
-ends before it. The work is done by a backend (`backends/hf.py`: transformers `generate`, KV cache, left
-padding; `backends/vllm.py`: vLLM when installed, on CUDA, with the weights on disk); both return the same
-`Completion` records.
+finishes. Stop strings are matched on decoded text, a row stops as soon as it emits one, and the returned
+text ends before it. The work is done by a backend (`backends/hf.py`: continuous batching over one
+left-padded KV cache, a finished row's place going to the next prompt; `backends/vllm.py`: vLLM when
+installed, on CUDA, with the weights on disk); both return the same `Completion` records.
 """
 
 from __future__ import annotations

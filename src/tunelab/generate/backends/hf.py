@@ -74,7 +74,7 @@ def _inference(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """End-of-sequence ids from the tokenizer and the model's generation config (chat end-of-turn tokens)."""
     ids: set[int] = set()
     for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -106,7 +106,7 @@ class HFBackend:
     def __init__(self, model: Any, tokenizer: Any, *, continuous: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         params = inspect.signature(_base_model(model).forward).parameters
