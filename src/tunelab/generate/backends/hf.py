@@ -171,7 +171,7 @@ class HFBackend:
                     if not settings.greedy:
                         gen = torch.Generator(device=device).manual_seed(seeds[i])
                     admitted.append(_Live(i, len(rows[i]), gen))
-                cache, mask = _stack(cache, mask, parts, [len(rows[a.index]) for a in admitted], device)
+                cache, mask = _stack(cache, mask, parts)
                 live += admitted
                 stepped, step_logits = admitted, torch.cat(logits)
             else:
@@ -278,15 +278,18 @@ class _StopOnText(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_len
         for i in range(input_ids.shape[0]):
-            tokens = input_ids[i, self.prompt_len :].tolist()
-            if generated > 0 and not self.done[i] and self.backend._stop_in_tail(tokens, self.stops):
+            if generated == 0 or self.done[i]:
+                continue  # a finished row's tokens are padding: no decoding them every step
+            if self.backend._stop_in_tail(input_ids[i, self.prompt_len :].tolist(), self.stops):
                 self.done[i] = True
                 self.stopped_at[i] = generated
         return self.done.to(input_ids.device)
 
 
-def _stack(cache: Any, mask: torch.Tensor | None, parts: list[Any], lengths: list[int], device: torch.device) -> tuple[Any, torch.Tensor]:
+def _stack(cache: Any, mask: torch.Tensor | None, parts: list[Any]) -> tuple[Any, torch.Tensor]:
     """The live cache with the freshly prefilled single-row caches appended, all left-padded to one length."""
+    lengths = [p.get_seq_length() for p in parts]
+    device = parts[0].layers[0].keys.device
     width = max([*lengths, mask.shape[1] if mask is not None else 0])
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # [rows, heads, length, dim] -> left-padded to `width`
