@@ -77,6 +77,11 @@ class TrainConfig(Strict):
     tensorboard: bool = True
     trackers: list[str] = Field(default_factory=list, description="extra accelerate trackers: wandb, mlflow, ...")
     num_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
+    reference: Literal["auto", "adapter", "precomputed"] = Field(
+        "auto",
+        description="reference log-probs for DPO-like objectives: the model with its adapter off (no second copy), "
+        "precomputed once with the base weights and cached, or auto (adapter when the method can switch off)",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from conftest import chat_rows
 
-import tunelab.data as data_mod
 from tunelab.config import DataConfig
 from tunelab.data import build_data, split_valid, tokenize_cached
 from tunelab.data.sources import read_rows
@@ -211,13 +210,15 @@ def test_limit_reads_only_the_first_rows(jsonl: Any, tok: Any) -> None:
 
 def test_tokenisation_cache_hit_on_second_call(jsonl: Any, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = data_mod.encode
+    import tunelab.data.batching.sft as sft_batcher
+
+    real = sft_batcher.encode
 
     def counting(*a: Any, **kw: Any) -> Any:
         calls["n"] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(data_mod, "encode", counting)
+    monkeypatch.setattr(sft_batcher, "encode", counting)
     path = jsonl(chat_rows(5))
     first = tokenize_cached(str(path), tok, dcfg(path))
     assert calls["n"] == 5

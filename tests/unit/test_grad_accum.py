@@ -100,6 +100,6 @@ def test_loop_accumulation_equals_big_batch(tmp_path: Path, monkeypatch: pytest.
     from tunelab.objectives.sft import SFT
 
     real_loss = SFT.loss
-    monkeypatch.setattr(SFT, "loss", lambda self, m, b, n: real_loss(self, m, b, self.num_items(b)))
+    monkeypatch.setattr(SFT, "loss", lambda self, m, b, n, ref=None: real_loss(self, m, b, self.num_items(b)))
     wrong = _train_adapter(tmp_path, data, 1, 2, "wrong")
     assert max((wrong[k] - big[k]).abs().max().item() for k in big) > 1e-4

@@ -241,10 +241,10 @@ def test_peft_mergeable_follows_type() -> None:
 
 def test_prompt_learning_types_refuse_packing() -> None:
     """peft drops position_ids for prompt tuning, so packed samples would silently attend to each other."""
-    assert getattr(method_for({"name": "peft", "type": "prompt_tuning", "num_virtual_tokens": 2}), "supports_packing", True) is False
-    assert getattr(method_for({"name": "peft", "type": "prefix_tuning", "num_virtual_tokens": 2}), "supports_packing", True) is False
-    assert getattr(method_for({"name": "peft", "type": "ia3"}), "supports_packing", True) is True
-    assert getattr(method_for({"name": "lora"}), "supports_packing", True) is True
+    assert method_for({"name": "peft", "type": "prompt_tuning", "num_virtual_tokens": 2}).supports_packing is False
+    assert method_for({"name": "peft", "type": "prefix_tuning", "num_virtual_tokens": 2}).supports_packing is False
+    assert method_for({"name": "peft", "type": "ia3"}).supports_packing is True
+    assert method_for({"name": "lora"}).supports_packing is True
 
 
 def test_prompt_tuning_with_packing_is_refused_by_the_loop(tmp_path: Path) -> None:

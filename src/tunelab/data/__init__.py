@@ -5,37 +5,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunelab.config import DataConfig
-from tunelab.data.formats import detect_format, to_example
-from tunelab.data.packing import collate, pack
+from tunelab.data.batching import Batcher, Unit, get_batcher
+from tunelab.data.batching._base import EncodeContext
+from tunelab.data.packing import pack
 from tunelab.data.sources import read_rows, resolve
-from tunelab.data.templating import IGNORE, Encoded, encode, resolve_template
+from tunelab.data.templating import IGNORE, Encoded, resolve_template
 from tunelab.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
 class TokenizedSet:
-    samples: list[Encoded]
+    samples: list[Unit]
     source: str
     dropped_too_long: int = 0
     dropped_no_labels: int = 0
     truncated: int = 0
     rows: int = 0
+    dropped_other: dict[str, int] = field(default_factory=dict)  # batcher reasons, e.g. identical_pair
 
     @property
     def label_tokens(self) -> int:
         return sum(sum(1 for x in s.labels if x != IGNORE) for s in self.samples)
 
 
-def _fingerprint(source: str, tok: Any, cfg: DataConfig, split: str) -> str:
+def _fingerprint(source: str, tok: Any, cfg: DataConfig, split: str, batch_format: str) -> str:
     h = hashlib.sha256()
     path = Path(resolve(source)).expanduser()
     if path.is_file():
@@ -46,52 +48,67 @@ def _fingerprint(source: str, tok: Any, cfg: DataConfig, split: str) -> str:
     vocab = json.dumps(sorted(tok.get_vocab().items()), separators=(",", ":"))
     h.update(hashlib.sha256(vocab.encode()).digest())
     h.update(str(getattr(tok, "chat_template", "")).encode())
-    keys = ("format", "template", "system_prompt", "loss_on", "max_length", "truncation", "limit")
-    h.update(json.dumps({k: getattr(cfg, k) for k in keys} | {"split": split, "v": CACHE_VERSION}).encode())
+    # the whole data config: a new field can never silently reuse a stale cache
+    settings = cfg.model_dump(mode="json") | {"split": split, "batch_format": batch_format, "v": CACHE_VERSION}
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def _tokenize(source: str, tok: Any, cfg: DataConfig, split: str) -> TokenizedSet:
-    template = resolve_template(tok, cfg.template)
+def _fit_length(unit: Unit, cfg: DataConfig, out: TokenizedSet) -> Unit | None:
+    """Apply data.truncation to every sequence of a unit; None when the unit is dropped (counted)."""
+    if any(len(s.input_ids) > cfg.max_length for s in unit.seqs):
+        if cfg.truncation == "drop":
+            out.dropped_too_long += 1
+            return None
+        unit.seqs = [Encoded(s.input_ids[: cfg.max_length], s.labels[: cfg.max_length]) for s in unit.seqs]
+        out.truncated += 1
+    return unit
+
+
+def _tokenize(source: str, tok: Any, cfg: DataConfig, split: str, batch_format: str = "sft") -> TokenizedSet:
+    batcher = get_batcher(batch_format)
+    ctx = EncodeContext(tok, cfg, resolve_template(tok, cfg.template))
     out = TokenizedSet([], source)
-    fmt = None if cfg.format == "auto" else cfg.format
     for location, row in read_rows(source, split):
         if cfg.limit is not None and out.rows >= cfg.limit:
             break
-        fmt = fmt or detect_format(row, location)
-        enc = encode(tok, to_example(row, fmt, location, cfg.system_prompt), template=template, loss_on=cfg.loss_on)
+        unit = batcher.encode(row, location, ctx)
         out.rows += 1
-        if len(enc.input_ids) > cfg.max_length:
-            if cfg.truncation == "drop":
-                out.dropped_too_long += 1
-                continue
-            enc = Encoded(enc.input_ids[: cfg.max_length], enc.labels[: cfg.max_length])
-            out.truncated += 1
-        if all(x == IGNORE for x in enc.labels[1:]):  # the first label can never be predicted
+        if isinstance(unit, str):
+            out.dropped_other[unit] = out.dropped_other.get(unit, 0) + 1
+            continue
+        unit = _fit_length(unit, cfg, out)
+        if unit is None:
+            continue
+        # the first label can never be predicted, so a sequence needs one after it
+        if batcher.needs_labels and any(all(x == IGNORE for x in s.labels[1:]) for s in unit.seqs):
             out.dropped_no_labels += 1
             continue
-        out.samples.append(enc)
+        unit.sid = len(out.samples)
+        out.samples.append(unit)
     if out.rows == 0:
         raise UserError(f"{source}: the dataset is empty")
     if not out.samples:
+        other = "".join(f", {n} {why.replace('_', ' ')}" for why, n in out.dropped_other.items())
         raise UserError(
             f"{source}: all {out.rows} samples are unusable ({out.dropped_too_long} longer than data.max_length="
-            f"{cfg.max_length}, {out.dropped_no_labels} with no tokens to learn); raise data.max_length"
+            f"{cfg.max_length}, {out.dropped_no_labels} with no tokens to learn{other}); raise data.max_length"
         )
+    out.samples = batcher.finalize(out.samples, ctx)
     return out
 
 
-def tokenize_cached(source: str, tok: Any, cfg: DataConfig, split: str = "train") -> TokenizedSet:
-    """Tokenize once per (file, tokenizer, data settings); a re-run or resume reads the cache."""
+def tokenize_cached(source: str, tok: Any, cfg: DataConfig, split: str = "train", batch_format: str = "sft") -> TokenizedSet:
+    """Tokenize once per (file, tokenizer, data settings, batch format); a re-run or resume reads the cache."""
     from tunelab.models.presets import cache_dir
 
-    path = cache_dir() / "data" / f"{_fingerprint(source, tok, cfg, split)}.pt"
+    path = cache_dir() / "data" / f"{_fingerprint(source, tok, cfg, split, batch_format)}.pt"
     if path.is_file():
         try:
             return torch.load(path, weights_only=False)
         except Exception:
             path.unlink(missing_ok=True)  # corrupt cache: rebuild
-    out = _tokenize(source, tok, cfg, split)
+    out = _tokenize(source, tok, cfg, split, batch_format)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(out, tmp)
@@ -99,7 +116,7 @@ def tokenize_cached(source: str, tok: Any, cfg: DataConfig, split: str = "train"
     return out
 
 
-def split_valid(ts: TokenizedSet, size: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
+def split_valid(ts: TokenizedSet, size: float, seed: int) -> tuple[list[Unit], list[Unit]]:
     n = len(ts.samples)
     k = int(round(size * n)) if size < 1 else int(size)
     k = min(k, n - 1)
@@ -112,20 +129,26 @@ def split_valid(ts: TokenizedSet, size: float, seed: int) -> tuple[list[Encoded]
 
 @dataclass
 class Batches:
-    """Rows of samples, shuffled per epoch with a seeded generator, so a (epoch, index) position resumes exactly."""
+    """Rows of units, shuffled per epoch with a seeded generator, so a (epoch, index) position resumes exactly.
 
-    samples: list[Encoded]
+    `batch_size` counts rows: packed rows of whole units (capacity max_length per sequence of the widest
+    unit, so a pair's row holds 2 x max_length), or single units.
+    """
+
+    samples: list[Unit]
     batch_size: int
     max_length: int
     packed: bool
     pad_id: int
     seed: int = 0
     shuffle: bool = True
+    batcher: Batcher = field(default_factory=lambda: get_batcher("sft"))
     rows: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
         lengths = [len(s.input_ids) for s in self.samples]
-        self.rows = pack(lengths, self.max_length) if self.packed else [[i] for i in range(len(lengths))]
+        width = max((len(s.seqs) for s in self.samples), default=1)
+        self.rows = pack(lengths, self.max_length * width) if self.packed else [[i] for i in range(len(lengths))]
 
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
@@ -138,7 +161,7 @@ class Batches:
     def batch(self, epoch: int, index: int, order: list[int] | None = None) -> dict[str, torch.Tensor]:
         order = order if order is not None else self.order(epoch)
         chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
-        return collate([[self.samples[i] for i in self.rows[r]] for r in chosen], self.pad_id, self.packed)
+        return self.batcher.collate([[self.samples[i] for i in self.rows[r]] for r in chosen], self.pad_id, self.packed)
 
     def __iter__(self):  # one pass in fixed order (validation)
         order = self.order(0)
@@ -153,22 +176,27 @@ class DataBundle:
     stats: dict[str, Any]
 
 
-def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int) -> DataBundle:
+def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_format: str = "sft") -> DataBundle:
+    """Tokenised, batched train (and validation) data in the shape the objective declared."""
     if not cfg.train:
         raise UserError("data.train is not set: give a JSONL/JSON/CSV/Parquet file, a saved dataset dir or builtin:NAME")
-    train = tokenize_cached(cfg.train, tok, cfg, cfg.split)
+    train = tokenize_cached(cfg.train, tok, cfg, cfg.split, batch_format)
     if cfg.valid:
-        train_s, valid_s = train.samples, tokenize_cached(cfg.valid, tok, cfg, "validation").samples
+        train_s = train.samples
+        # sample ids key reference log-probs, so validation units continue the numbering
+        valid_s = [replace(u, sid=len(train_s) + u.sid) for u in tokenize_cached(cfg.valid, tok, cfg, "validation", batch_format).samples]
     else:
         train_s, valid_s = split_valid(train, cfg.valid_size, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tb = Batches(train_s, batch_size, cfg.max_length, cfg.packing, pad, seed)
-    vb = Batches(valid_s, batch_size, cfg.max_length, cfg.packing, pad, seed, shuffle=False) if valid_s else None
+    batcher = get_batcher(batch_format)
+    tb = Batches(train_s, batch_size, cfg.max_length, cfg.packing, pad, seed, batcher=batcher)
+    vb = Batches(valid_s, batch_size, cfg.max_length, cfg.packing, pad, seed, shuffle=False, batcher=batcher) if valid_s else None
     stats = {
         "rows": train.rows, "train_samples": len(train_s), "valid_samples": len(valid_s),
         "dropped_too_long": train.dropped_too_long, "dropped_no_labels": train.dropped_no_labels,
         "truncated": train.truncated, "train_rows": len(tb.rows),
         "train_tokens": sum(len(s.input_ids) for s in train_s),
         "train_label_tokens": sum(sum(1 for x in s.labels if x != IGNORE) for s in train_s),
+        "batch_format": batch_format, **{f"dropped_{k}": v for k, v in train.dropped_other.items()},
     }
     return DataBundle(tb, vb, stats)

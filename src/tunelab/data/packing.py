@@ -44,13 +44,16 @@ def collate(samples: list[list[Encoded]], pad_id: int, packed: bool) -> dict[str
     """Batch of rows (each a list of samples) -> tensors.
 
     Packed: input_ids, position_ids, labels (shifted). Unpacked (one sample per row): input_ids,
-    attention_mask, labels (shifted), right padding. Both carry `real_tokens`, the non-padding count.
+    attention_mask, labels (shifted), right padding. Both carry `real_tokens`, the non-padding count,
+    `seq_index` (the sequence, numbered row by row, of every labelled position; -1 elsewhere) and `num_seqs`.
     """
     width = max(sum(len(s.input_ids) for s in row) for row in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(samples), width), dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
+    seq = torch.full((len(samples), width), -1, dtype=torch.long)
+    k = 0
     for b, row in enumerate(samples):
         t = 0
         for s in row:
@@ -59,10 +62,15 @@ def collate(samples: list[list[Encoded]], pad_id: int, packed: bool) -> dict[str
             labels[b, t : t + n] = torch.tensor(shifted(s.labels))
             pos[b, t : t + n] = torch.arange(n)
             mask[b, t : t + n] = 1
+            seq[b, t : t + n] = k
             t += n
+            k += 1
         # the padding tail is its own segment (positions from 0), so real tokens never attend to it
         pos[b, t:] = torch.arange(width - t)
-    batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "real_tokens": mask.sum()}
+    seq[labels == IGNORE] = -1
+    batch: dict[str, Any] = {
+        "input_ids": ids, "labels": labels, "real_tokens": mask.sum(), "seq_index": seq, "num_seqs": torch.tensor(k),
+    }
     if packed:
         batch["position_ids"] = pos
     else:

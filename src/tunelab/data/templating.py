@@ -41,12 +41,12 @@ def render(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool
     )
 
 
-def _assistant_spans(tok: Any, ex: Example, loss_on: str) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
     msgs = ex.messages or []
     full = render(tok, msgs)
     spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < from_turn:
             continue
         before = render(tok, msgs[:i], add_generation_prompt=True) if i else ""
         upto = render(tok, msgs[: i + 1])
@@ -62,8 +62,8 @@ def _assistant_spans(tok: Any, ex: Example, loss_on: str) -> tuple[str, list[tup
     return full, spans
 
 
-def _encode_chat(tok: Any, ex: Example, loss_on: str) -> Encoded:
-    text, spans = _assistant_spans(tok, ex, loss_on)
+def _encode_chat(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> Encoded:
+    text, spans = _assistant_spans(tok, ex, loss_on, from_turn)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if loss_on == "all":
@@ -75,7 +75,7 @@ def _encode_chat(tok: Any, ex: Example, loss_on: str) -> Encoded:
     return Encoded(ids, labels)
 
 
-def _encode_raw(tok: Any, ex: Example, loss_on: str) -> Encoded:
+def _encode_raw(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> Encoded:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if ex.text is not None:
         ids = tok(ex.text, add_special_tokens=True)["input_ids"] + eos
@@ -89,15 +89,18 @@ def _encode_raw(tok: Any, ex: Example, loss_on: str) -> Encoded:
         if m["role"] == "assistant":
             piece = piece + eos
         learn = loss_on == "all" or (m["role"] == "assistant" and (loss_on == "assistant" or i == last_assistant))
+        learn = learn and i >= from_turn
         ids += piece
         labels += piece if learn else [IGNORE] * len(piece)
     return Encoded(ids, labels)
 
 
-def encode(tok: Any, ex: Example, *, template: str, loss_on: str) -> Encoded:
+def encode(tok: Any, ex: Example, *, template: str, loss_on: str, from_turn: int = 0) -> Encoded:
+    """Token ids + labels. `from_turn`: only turns at or after this message index carry loss (a preference
+    pair's completion after its shared prompt)."""
     if ex.text is None and template == "chat":
-        return _encode_chat(tok, ex, loss_on)
-    return _encode_raw(tok, ex, loss_on)
+        return _encode_chat(tok, ex, loss_on, from_turn)
+    return _encode_raw(tok, ex, loss_on, from_turn)
 
 
 def resolve_template(tok: Any, template: str) -> str:

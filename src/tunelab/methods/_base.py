@@ -7,8 +7,10 @@ format other tools load, and rebuilds the tuned model from that (`load_final`). 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -24,12 +26,31 @@ class Method:
     identity_at_init: ClassVar[bool] = True
     #: works on a 4/8-bit quantized base
     supports_quantized_base: ClassVar[bool] = False
+    #: trains correctly on packed rows (prompt-learning methods prepend tokens and cannot)
+    supports_packing: ClassVar[bool] = True
+    #: `disabled()` can switch the trained part off, giving the base model's outputs without a second copy
+    can_disable: ClassVar[bool] = False
 
     def __init__(self, cfg: BaseModel) -> None:
         self.cfg = cfg
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
+
+    def param_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a method with its own learning rates overrides this."""
+        from tunelab.train.optim import param_groups
+
+        return param_groups(model, lr, weight_decay)
+
+    @contextmanager
+    def disabled(self, model: torch.nn.Module) -> Iterator[None]:
+        """Within the context the model computes the base model's outputs (reference log-probs)."""
+        raise NotImplementedError(
+            f"method '{self.cfg.name}' trains the base weights in place, so it cannot switch itself off; "  # type: ignore[attr-defined]
+            "its reference log-probs are precomputed instead"
+        )
+        yield  # pragma: no cover
 
     def save_final(self, model: torch.nn.Module, path: Path) -> None:
         """Default: the full weights in transformers format."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from tunelab.methods._base import Method
 
 class PeftMethod(Method):
     is_peft = True
+    can_disable = True
 
     def peft_config(self) -> Any:
         raise NotImplementedError
@@ -24,6 +27,11 @@ class PeftMethod(Method):
             return get_peft_model(model, self.peft_config())
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"method '{self.cfg.name}' does not apply to this model: {str(e).splitlines()[0]}") from None
+
+    @contextmanager
+    def disabled(self, model: torch.nn.Module) -> Iterator[None]:
+        with model.disable_adapter():  # type: ignore[operator]
+            yield
 
     def save_final(self, model: torch.nn.Module, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)

@@ -1,31 +1,57 @@
-"""The objective contract: `loss(model, batch, num_items) -> (loss, metrics)`.
+"""The objective contract: `loss(model, batch, num_items, ref) -> (loss, metrics)`.
 
-`num_items` is the number of loss items (label tokens for SFT) in the whole optimizer step, summed over
-gradient-accumulation micro-batches and processes, so accumulated gradients equal one big batch's.
+An objective declares the shape of data it trains on (`batch_format`); the data stage picks the batcher for
+that format (`tunelab.data.batching`), so a pairwise objective can never receive SFT batches. A batch
+carries, besides the model inputs, `seq_index` (which sequence each labelled position belongs to),
+`num_seqs`, `sample_ids` (dataset index of each unit: a sample, a pair, a ranked group) and the format's
+own fields (see the batcher files). Sequence log-probs come from `objectives._logprobs.sequence_logps`.
+
+`num_items` is the number of loss items (label tokens for SFT, units for the other formats) in the whole
+optimizer step, summed over gradient-accumulation micro-batches and processes, so accumulated gradients
+equal one big batch's. `ref` is the run's reference provider (`train.reference`) when `needs_reference`
+is set, else None.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
 
+if TYPE_CHECKING:
+    from tunelab.train.reference import Reference
+
 BatchFormat = Literal["sft", "pairwise", "ranked", "unpaired", "prompt_only"]
+Batch = dict[str, torch.Tensor]
 
 
 class Objective:
     Config: ClassVar[type[BaseModel]]
+    #: the data shape this objective trains on; picks the batcher
     batch_format: ClassVar[BatchFormat] = "sft"
+    #: the loss needs reference-model log-probs (the loop builds a `Reference` and passes it as `ref`)
     needs_reference: ClassVar[bool] = False
+    #: the objective samples from the model during training (online); the loop refuses it until supported
     needs_generation: ClassVar[bool] = False
+    #: accumulating micro-batches with the step's `num_items` gives exactly one big batch's loss; False for
+    #: losses with a batch-level statistic (KTO's KL estimate), which the contract test then skips, saying why
+    accumulation_invariant: ClassVar[bool] = True
 
     def __init__(self, cfg: BaseModel) -> None:
         self.cfg = cfg
+        self.step = 0
+        self.total_steps = 1
 
-    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
-        """Loss items in this micro-batch, for normalising across accumulation steps."""
-        return int((batch["labels"] != -100).sum())
+    def num_items(self, batch: Batch) -> int:
+        """Loss items in this micro-batch: label tokens for SFT data, units (pairs, groups, samples) otherwise."""
+        if self.batch_format == "sft":
+            return int((batch["labels"] != -100).sum())
+        return int(batch["sample_ids"].numel())
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called by the loop before each optimizer step (0-based) for schedules inside an objective."""
+        self.step, self.total_steps = step, total_steps
+
+    def loss(self, model: Any, batch: Batch, num_items: int, ref: Reference | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

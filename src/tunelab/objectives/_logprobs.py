@@ -5,10 +5,15 @@ positions carry none, and the LM head (vocab x hidden) is a large share of a sma
 skips that work. It calls the decoder and the head separately; for models whose head does more than a
 linear map (logit soft-capping, logit scaling) and for prompt-learning PEFT types it falls back to the
 model's own forward.
+
+`sequence_logps` sums token log-probs per sequence (chosen, rejected, each ranked response...) in one
+forward pass over the whole batch, whatever its layout (padded rows or packed segments): a batch's
+`seq_index` names the sequence of every labelled position.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,3 +55,33 @@ def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) per position, computed in fp32 for stability."""
     return -torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+
+@dataclass
+class SeqLogps:
+    """Per-sequence summed log-probs over completion tokens, with the token counts (both shape [S])."""
+
+    sum: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Length-normalised log-prob (average over the sequence's completion tokens)."""
+        return self.sum / self.count.clamp(min=1)
+
+    def detach(self) -> SeqLogps:
+        return SeqLogps(self.sum.detach(), self.count)
+
+
+def reduce_by_sequence(token_lp: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> SeqLogps:
+    """Sum token log-probs `token_lp[N]` into sequences by index `seq[N]` (0..num_seqs-1)."""
+    sums = torch.zeros(num_seqs, dtype=token_lp.dtype, device=token_lp.device).index_add(0, seq, token_lp)
+    counts = torch.zeros(num_seqs, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
+    return SeqLogps(sums, counts)
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> SeqLogps:
+    """Summed completion log-probs of every sequence in the batch, in one forward pass."""
+    logits, labels = label_logits(model, batch)
+    sel = batch["labels"] != IGNORE
+    return reduce_by_sequence(token_logprobs(logits, labels), batch["seq_index"][sel], int(batch["num_seqs"]))

@@ -36,7 +36,7 @@ class SFT(Objective):
     Config = SFTConfig
     batch_format = "sft"
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: int, ref: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         logits, labels = label_logits(model, batch)
         loss = sft_loss(logits, labels, num_items, self.cfg.label_smoothing)  # type: ignore[attr-defined]
         # no extra metrics here: a second softmax/argmax over the vocabulary costs as much as the loss itself

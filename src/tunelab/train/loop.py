@@ -29,8 +29,9 @@ from tunelab.methods._base import count_params
 from tunelab.models import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.optim import build_optimizer, build_scheduler, param_groups
+from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
+from tunelab.train.reference import AdapterOffReference
 from tunelab.train.rundir import MetricsLog, prepare
 
 
@@ -102,8 +103,9 @@ def _accelerator(cfg: RunConfig, run_dir: Path) -> Any:
 
 
 @torch.no_grad()
-def validation_loss(model: Any, objective: Any, batches: Batches | None, acc: Any = None) -> float | None:
-    """Mean per-token loss on the validation set, in the training precision (dropout off; RNG untouched)."""
+def validation_loss(model: Any, objective: Any, batches: Batches | None, acc: Any = None, ref: Any = None) -> float | None:
+    """Mean loss per loss item (token or unit) on the validation set, in the training precision (dropout off;
+    RNG untouched)."""
     if batches is None:
         return None
     was_training = model.training
@@ -113,7 +115,7 @@ def validation_loss(model: Any, objective: Any, batches: Batches | None, acc: An
         batch = {k: v.to(model.device) for k, v in batch.items()}
         n = objective.num_items(batch)
         with acc.autocast() if acc is not None else nullcontext():
-            loss, _ = objective.loss(model, batch, n)
+            loss, _ = objective.loss(model, batch, n, ref)
         total += loss.item() * n
         count += n
     model.train(was_training)
@@ -149,16 +151,21 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     model, tok = load_model(cfg.model, acc.device)
     method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
+    objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
+    if objective.needs_generation:
+        raise NotImplementedError(f"objective '{cfg.objective.name}' samples during training, which the loop does not support yet")  # type: ignore[attr-defined]
+    if cfg.data.packing and not method.supports_packing:
+        raise UserError(f"method '{cfg.method.name}' cannot train on packed rows; set data.packing=false")  # type: ignore[attr-defined]
+    data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
+    ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
     model = method.apply(model)
     model.train()
-    objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
-    data = build_data(cfg.data, tok, tc.batch_size, tc.seed)
-    if cfg.data.packing and not getattr(method, "supports_packing", True):
-        raise UserError(f"method '{cfg.method.name}' cannot train on packed rows; set data.packing=false")  # type: ignore[attr-defined]
+    if objective.needs_reference and ref is None:
+        ref = AdapterOffReference(method, model)
 
     steps_per_epoch = math.ceil(len(data.train) / tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    groups = method.param_groups(model, tc.lr, tc.weight_decay) if hasattr(method, "param_groups") else param_groups(model, tc.lr, tc.weight_decay)
+    groups = method.param_groups(model, tc.lr, tc.weight_decay)
     optimizer = build_optimizer(groups, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
@@ -171,7 +178,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         state = ckpt.load_checkpoint(latest[0], acc.unwrap_model(model), optimizer, scheduler)
     log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None)
     if state.step == 0:
-        state.val_loss_before = validation_loss(model, objective, data.valid, acc)
+        state.val_loss_before = validation_loss(model, objective, data.valid, acc, ref)
         if cfg.eval.before:
             _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, "before")
         if state.val_loss_before is not None:
@@ -185,15 +192,17 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
             t0 = time.perf_counter()
             micro = [_next_micro(data.train, state, order_cache) for _ in range(tc.grad_accum)]
             num_items = sum(objective.num_items(b) for b in micro)
-            loss_sum, real_tokens = 0.0, 0
+            objective.on_step(state.step, total_steps)
+            loss_sum, real_tokens, step_metrics = 0.0, 0, []
             for i, batch in enumerate(micro):
                 real_tokens += int(batch.pop("real_tokens", torch.tensor(0)))
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 ctx = acc.no_sync(model) if i < len(micro) - 1 else nullcontext()
                 with ctx, acc.autocast():
-                    loss, _ = objective.loss(model, batch, num_items)
+                    loss, metrics = objective.loss(model, batch, num_items, ref)
                     acc.backward(loss)
                 loss_sum += loss.item()
+                step_metrics.append(metrics)
             grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -207,14 +216,14 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
                 "step": state.step, "epoch": round(state.epoch + state.micro / len(data.train), 4), "loss": loss_sum,
                 "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": real_tokens / dt, "tokens": state.tokens, "elapsed_s": round(state.wall_s, 3),
-                "rss_mb": round(peak_rss_mb(), 1),
+                "rss_mb": round(peak_rss_mb(), 1), **_mean_metrics(step_metrics),
             }
             if state.step % tc.log_every == 0 or state.step == total_steps:
                 log.write(rec)
                 acc.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=state.step)
             progress.update(state.step, loss_sum, rec["tokens_per_s"])
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps:
-                log.write({"step": state.step, "val_loss": validation_loss(model, objective, data.valid, acc)})
+                log.write({"step": state.step, "val_loss": validation_loss(model, objective, data.valid, acc, ref)})
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:
                 _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, f"step-{state.step}")
             if (tc.save_every and state.step % tc.save_every == 0) or stop.requested:
@@ -226,11 +235,60 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     if interrupted:
         acc.end_training()
         return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True)
-    return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total))
+    return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
 
 
-def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params) -> RunResult:  # noqa: ANN001
-    val_after = validation_loss(model, objective, data.valid, acc)
+def _mean_metrics(per_micro: list[dict[str, float]]) -> dict[str, float]:
+    """An objective's metrics averaged over the step's micro-batches (a key absent from one is averaged over the rest)."""
+    keys = dict.fromkeys(k for m in per_micro for k in m if k != "tokens")
+    return {k: sum(vals) / len(vals) for k in keys if (vals := [m[k] for m in per_micro if k in m])}
+
+
+def _precomputed_reference(cfg: RunConfig, method: Any, objective: Any, model: Any, data: Any, acc: Any, quiet: bool) -> Any:
+    """Reference log-probs precomputed with the base weights, when the objective needs them and the run
+    does not use the adapter-off reference (see train/reference.py)."""
+    if not objective.needs_reference:
+        return None
+    choice = cfg.train.reference
+    if choice == "auto":
+        choice = "adapter" if method.can_disable else "precomputed"
+    if choice == "adapter":
+        if not method.can_disable:
+            raise UserError(f"train.reference=adapter: method '{cfg.method.name}' cannot switch itself off; use precomputed or auto")  # type: ignore[attr-defined]
+        return None
+    from tunelab.models.presets import cache_dir
+    from tunelab.train.reference import cache_key, precompute
+
+    units = data.train.samples + (data.valid.samples if data.valid else [])
+    key = cache_key(units, cfg.model.model_dump(mode="json"), str(acc.mixed_precision))
+    bar = _RefProgress(quiet)
+    with bar:
+        return precompute(
+            model, units, data.train.batcher, data.train.pad_id, cache_dir() / "reference" / key,
+            batch_size=cfg.train.batch_size, autocast=acc.autocast, progress=bar.update,
+        )
+
+
+class _RefProgress:
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("[bold]reference log-probs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=quiet)
+        self.task = self.p.add_task("ref", total=None)
+
+    def update(self, done: int, total: int) -> None:
+        self.p.update(self.task, completed=done, total=total)
+
+    def __enter__(self) -> _RefProgress:
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.p.__exit__(*exc)
+
+
+def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
+    val_after = validation_loss(model, objective, data.valid, acc, ref)
     if val_after is not None:
         log.write({"step": state.step, "val_loss": val_after})
     unwrapped = acc.unwrap_model(model)
