@@ -110,7 +110,7 @@ class StepClock:
 
 
 def child_tunelab(a: argparse.Namespace, packing: bool, batch_size: int) -> dict[str, Any]:
-    import tunelab.data as tdata
+    import tunelab.data.batching._base as tbatch
     import tunelab.train.loop as tloop
     from tunelab.config import load_config
 
@@ -135,7 +135,7 @@ def child_tunelab(a: argparse.Namespace, packing: bool, batch_size: int) -> dict
 
     # measurement only: wrap the collator (what each micro-batch carries) and the optimizer (a post-step hook)
     clock = StepClock()
-    collate, build_optimizer = tdata.collate, tloop.build_optimizer
+    collate, build_optimizer = tbatch.collate_units, tloop.build_optimizer
 
     def counting_collate(samples, pad_id, packed):  # noqa: ANN001, ANN202
         batch = collate(samples, pad_id, packed)
@@ -148,7 +148,7 @@ def child_tunelab(a: argparse.Namespace, packing: bool, batch_size: int) -> dict
         clock.attach(opt)
         return opt
 
-    tdata.collate, tloop.build_optimizer = counting_collate, hooked_optimizer
+    tbatch.collate_units, tloop.build_optimizer = counting_collate, hooked_optimizer
     t0 = time.perf_counter()
     result = tloop.train(cfg, quiet=True)
     train_call_s = time.perf_counter() - t0

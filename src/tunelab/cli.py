@@ -224,6 +224,45 @@ def _print_eval(run_dir: Path, summaries: dict) -> None:
         typer.echo(f"samples: {folder / 'samples.jsonl'}\nsummary: {folder / 'summary.json'}")
 
 
+data_app = typer.Typer(help="Build training data: preference pairs from the model's own samples, ...", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build-pairs")
+def build_pairs_(
+    model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the model to sample from (the one you will tune)")],
+    out: Annotated[str, typer.Option("--out", help="pairs JSONL to write (prompt, chosen, rejected)")],
+    task: Annotated[str, typer.Option("--task", help="code task judged by execution: mbpp, humaneval, codetasks")] = "mbpp",
+    data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="dataset split (mbpp: train)")] = None,
+    k: Annotated[int, typer.Option("--k", help="samples per problem")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature")] = 0.8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per sample")] = 384,
+    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    per_problem: Annotated[int, typer.Option("--per-problem", help="pairs per problem (distinct failing samples)")] = 1,
+    reference_chosen: Annotated[bool, typer.Option("--reference-chosen/--no-reference-chosen", help="where no sample passes, the reference solution is chosen")] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="sampling seed")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Sample k programs per problem, judge them in the sandbox, write passing/failing pairs for DPO-like objectives."""
+    from tunelab.evaluate.tasks import TASKS
+
+    if k < 2 and not reference_chosen:
+        raise UserError("data build-pairs: --k must be >= 2 to find both a passing and a failing sample")
+    fields = {"n_samples": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
+              "path": data, "split": split}
+    known = TASKS.config_class(task).model_fields if task in TASKS else {}
+    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
+    TASKS.get(task)(cfg).problems()  # a bad data file fails before the model loads  # type: ignore[attr-defined]
+    from tunelab.data.build_pairs import build_pairs
+
+    mdl, tok, _, _, _ = _eval_model(model, "hf")
+    stats = build_pairs(mdl, tok, cfg, Path(out), batch_size=batch_size, per_problem=per_problem,
+                        reference_chosen=reference_chosen, quiet=quiet)
+    typer.echo(json.dumps(stats, indent=2))
+
+
 @app.command()
 def quickstart(
     out: Annotated[str, typer.Option("--out", help="run directory")] = "runs/quickstart",
