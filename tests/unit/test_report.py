@@ -266,3 +266,17 @@ def test_import_does_not_load_matplotlib() -> None:
     code = "import sys, tunelab.report; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_objective_metrics_get_their_own_plots(tmp_path: Path) -> None:
+    from tunelab.report._plots import objective_plots
+
+    rows = [{"step": s, "loss": 0.7 - s / 100, "rewards/chosen": s / 10, "rewards/rejected": -s / 10, "logps/chosen": -50.0 + s,
+             "kl": 0.1} for s in range(1, 6)]
+    plots = objective_plots(rows)
+    assert [t for t, _ in plots] == ["Rewards", "Logps"]  # grouped by prefix; un-prefixed keys are not objective groups
+    assert all(uri.startswith("data:image/png;base64,") for _, uri in plots)
+    _write_jsonl(tmp_path / "metrics.jsonl", rows)
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    _check_valid(page)
+    assert "Rewards plot" in page and "Logps plot" in page

@@ -118,6 +118,8 @@ def _logits_from_embeds(model: Any, batch: Batch, embeds: torch.Tensor) -> torch
 
 @OBJECTIVES.register("ift")
 class IFT(Objective):
+    """IFT: SFT whose inputs mix gold and the model's own guesses, with discounted loss weights."""
+
     Config = IFTConfig
     batch_format = "sft"
 

@@ -69,6 +69,8 @@ def kto_loss(
 
 @OBJECTIVES.register("kto")
 class KTO(Objective):
+    """KTO: unpaired desirable/undesirable completions against a reference, prospect-theoretic loss."""
+
     Config = KTOConfig
     batch_format = "unpaired"
     needs_reference = True

@@ -113,6 +113,8 @@ def corrupt_sequences(
 
 @OBJECTIVES.register("masked_thought")
 class MaskedThought(Objective):
+    """Masked Thought: SFT with randomly corrupted response inputs (ramped rate), labels untouched."""
+
     Config = MaskedThoughtConfig
     batch_format = "sft"
 

@@ -73,6 +73,8 @@ def rrhf_loss(
 
 @OBJECTIVES.register("rrhf")
 class RRHF(Objective):
+    """RRHF: k scored responses per prompt; ranking hinge on length-normalised log-probs + SFT on the best."""
+
     Config = RRHFConfig
     batch_format = "ranked"
 

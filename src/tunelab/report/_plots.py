@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 Series = tuple[list[float], list[float]]
-# (legend label, data, "line" | "points")
+# (legend label, data, "line" | "points" | "series")
 Layer = tuple[str, Series, str]
 
 
@@ -47,6 +47,23 @@ def training_plots(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     if tps[0]:
         layers = [("tokens/s", tps, "line")]
         plots.append(("Throughput", _render("Throughput (real tokens/s)", "tokens/s", layers)))
+    plots += objective_plots(train)
+    return plots
+
+
+def objective_plots(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One plot per metric group an objective logs as `group/name` (rewards/chosen, rewards/rejected, ...)."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        for k in r:
+            if "/" in k and is_number(r[k]):
+                keys = groups.setdefault(k.split("/", 1)[0], [])
+                if k not in keys:
+                    keys.append(k)
+    plots = []
+    for group, keys in groups.items():
+        layers: list[Layer] = [(k.split("/", 1)[1], series(rows, k), "series") for k in keys]
+        plots.append((group.capitalize(), _render(f"{group} (objective metrics)", group, layers)))
     return plots
 
 
@@ -64,6 +81,8 @@ def _render(title: str, ylabel: str, layers: list[Layer], sci: bool = False) -> 
         drawn += 1
         if style == "points":
             ax.plot(xs, ys, "o", ms=5, label=label, color="tab:orange", zorder=3)
+        elif style == "series":  # several lines in one plot: matplotlib's colour cycle tells them apart
+            ax.plot(xs, ys, "-o" if len(xs) < 2 else "-", ms=3, lw=1.3, label=label)
         else:
             ax.plot(xs, ys, "-o" if len(xs) < 2 else "-", ms=3, lw=1.3, label=label, color="tab:blue")
     ax.set_title(title)

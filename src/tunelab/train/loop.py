@@ -143,6 +143,17 @@ def _next_micro(data: Batches, state: ckpt.LoopState, order_cache: dict[int, lis
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunResult:
     run_dir, resuming = prepare(cfg, resume, overwrite)
+    try:
+        return _train(cfg, run_dir, resuming, quiet)
+    except UserError:
+        # a mistake found while setting up (bad data, a method that does not fit) leaves no half-made run
+        # behind that a rerun would refuse to overwrite; a run with a checkpoint is kept for --resume
+        if not resuming and not ckpt.list_checkpoints(run_dir / "checkpoints"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunResult:
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
