@@ -168,3 +168,13 @@ def test_fingerprint_covers_every_data_field_and_the_format(jsonl: Any, tok: Any
 def test_unknown_format_is_not_silently_sft(tmp_path: Path, tok: Any) -> None:
     with pytest.raises(NotImplementedError, match="no batcher for batch format 'listwise'"):
         get_batcher("listwise")
+
+
+def test_multi_target_rows(jsonl: Any, tok: Any) -> None:
+    ts = units(jsonl, tok, [{"prompt": P, "targets": [GOOD, "It adds."]}, {"prompt": P, "targets": [BAD, "It subtracts."]}], "multi_target")
+    assert [[learned(tok, s) for s in u.seqs] for u in ts.samples] == [[GOOD + "<|im_end|>", "It adds.<|im_end|>"],
+                                                                       [BAD + "<|im_end|>", "It subtracts.<|im_end|>"]]
+    batch = get_batcher("multi_target").collate([ts.samples], tok.pad_token_id, packed=True)
+    assert batch["target_index"].tolist() == [0, 1, 0, 1]
+    with pytest.raises(UserError, match=r"train.jsonl:2: 3 targets, but earlier rows have 2"):
+        units(jsonl, tok, [{"prompt": P, "targets": [GOOD, "a"]}, {"prompt": P, "targets": [GOOD, "a", "b"]}], "multi_target")

@@ -25,6 +25,7 @@ KEYS = {
     "code_pairs.jsonl": {"id", "prompt", "chosen", "rejected", "mutation", "entry_point", "tests"},
     "code_ranked.jsonl": {"id", "prompt", "responses", "scores", "mutations", "entry_point", "tests"},
     "code_unpaired.jsonl": {"id", "prompt", "completion", "label", "mutation", "entry_point", "tests"},
+    "code_multi_target.jsonl": {"id", "prompt", "targets", "entry_point", "tests"},
 }
 
 
@@ -142,3 +143,9 @@ def test_sample_ranked_scores_execute(executed: dict, i: int) -> None:
 def test_sample_unpaired_labels_execute(executed: dict, i: int) -> None:
     r = DATA["code_unpaired.jsonl"][i]
     assert all(_passes(executed, r["completion"], r["tests"])) is r["label"], r["id"]
+
+
+def test_multi_target_rows_are_the_solution_and_its_tests() -> None:
+    for p, m in zip(DATA["code_pairs.jsonl"], DATA["code_multi_target.jsonl"], strict=True):
+        assert m["prompt"] == p["prompt"] and m["targets"][0] == p["chosen"]
+        assert m["targets"][1] == "```python\n" + "\n".join(p["tests"]) + "\n```"

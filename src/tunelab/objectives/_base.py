@@ -14,7 +14,7 @@ is set, else None.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -22,7 +22,8 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from tunelab.train.reference import Reference
 
-BatchFormat = Literal["sft", "pairwise", "ranked", "unpaired", "prompt_only"]
+#: a batcher name (`tunelab.data.batching`: one file per format), so a new data shape is one new batcher file
+BatchFormat = str
 Batch = dict[str, torch.Tensor]
 
 

@@ -7,7 +7,9 @@ Run ``python -m tunelab.data.builtin.derive`` to rewrite, next to ``code_instruc
 * ``code_ranked.jsonl`` (ranked, for RRHF: ``responses`` = the reference and two broken variants, rotated
   by row index, ``scores`` = the fraction of the task's tests each response passes);
 * ``code_unpaired.jsonl`` (unpaired, for KTO: one row per task, the reference with ``label`` true on even
-  rows and a broken variant with ``label`` false on odd rows).
+  rows and a broken variant with ``label`` false on odd rows);
+* ``code_multi_target.jsonl`` (multi-target SFT: ``targets`` = [the reference answer, the task's unit tests
+  as a fenced block]).
 
 A broken variant is the reference answer with one small edit to the code inside its ```python fence
 (everything else, the fence and any sentence after it included, is kept byte for byte). The edits
@@ -41,7 +43,8 @@ from tunelab.evaluate.sandbox import ExecutionResult, execute_many
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "code_instructions.jsonl"
-OUTPUTS = {"pairs": "code_pairs.jsonl", "ranked": "code_ranked.jsonl", "unpaired": "code_unpaired.jsonl"}
+OUTPUTS = {"pairs": "code_pairs.jsonl", "ranked": "code_ranked.jsonl", "unpaired": "code_unpaired.jsonl",
+           "multi_target": "code_multi_target.jsonl"}
 FENCE = re.compile(r"```python\n(.*?)\n```", re.S)
 KINDS = ("flip_comparison", "off_by_one", "swap_arithmetic", "flip_boolean", "swap_call", "edit_string",
          "replace_return", "drop_line")
@@ -490,6 +493,9 @@ def rows(tasks: list[Task]) -> dict[str, list[dict[str, Any]]]:
         out["unpaired"].append({"id": row["id"], "prompt": prompt,
                                 "completion": t.content if good else t.answer(a.code), "label": good,
                                 "mutation": None if good else a.kind, **common})
+        # multi-target SFT: the solution and the task's unit tests as a second target (code + its tests)
+        tests = "```python\n" + "\n".join(row["tests"]) + "\n```"
+        out["multi_target"].append({"id": row["id"], "prompt": prompt, "targets": [t.content, tests], **common})
     return out
 
 
