@@ -263,6 +263,60 @@ def build_pairs_(
     typer.echo(json.dumps(stats, indent=2))
 
 
+@data_app.command("s3ft")
+def s3ft_(
+    model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the base model (the one you will tune)")],
+    out: Annotated[str, typer.Option("--out", help="SFT rows JSONL to write (messages, source, problem_id)")],
+    task: Annotated[str, typer.Option("--task", help="task that judges answers: mbpp, humaneval, codetasks (sandbox), generation (text metric)")] = "mbpp",
+    data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    paraphrase: Annotated[bool, typer.Option("--paraphrase/--no-paraphrase", help="ask the model to restate the gold where its own answer fails")] = True,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per answer")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """S3FT data (arXiv 2502.08130): the model's own answer if judged correct, else its accepted paraphrase of the gold, else the gold; train with objective sft."""
+    from tunelab.evaluate.tasks import TASKS
+
+    fields = {"n_samples": 1, "temperature": 0.0, "max_new_tokens": max_new_tokens, "limit": limit, "path": data, "split": split}
+    known = TASKS.config_class(task).model_fields if task in TASKS else {}
+    if split is None and "split" in known:
+        fields["split"] = "train"  # training data: never the test split by default
+    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
+    TASKS.get(task)(cfg).problems()  # a bad data file fails before the model loads  # type: ignore[attr-defined]
+    from tunelab.data.build_s3ft import build_s3ft
+
+    mdl, tok, _, _, _ = _eval_model(model, "hf")
+    stats = build_s3ft(mdl, tok, cfg, Path(out), paraphrase=paraphrase, batch_size=batch_size, quiet=quiet)
+    typer.echo(json.dumps(stats, indent=2))
+
+
+@data_app.command("refusal-aware")
+def refusal_aware_(
+    model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the pre-trained model (the one you will tune)")],
+    data: Annotated[str, typer.Option("--data", help='QA JSONL: {"question", "answer"} per line')],
+    out: Annotated[str, typer.Option("--out", help="SFT rows JSONL to write (prompt, completion)")],
+    variant: Annotated[str, typer.Option("--variant", help="unsure: gold + 'I am sure/unsure.'; unknown: refusal for unknown questions")] = "unsure",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per greedy answer")] = 15,
+    limit: Annotated[int | None, typer.Option("--limit", help="only the first N questions")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="seed for picking refusal sentences (unknown variant)")] = 0,
+) -> None:
+    """R-Tuning data (arXiv 2311.09677): split QA into known/unknown by the model's greedy answers, write refusal-aware rows."""
+    from tunelab.data.build_rtuning import build_rtuning, load_qa
+
+    if variant not in ("unsure", "unknown"):
+        raise UserError(f"data refusal-aware: --variant must be unsure or unknown, got {variant!r}")
+    if max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise UserError("data refusal-aware: --max-new-tokens and --limit must be at least 1")
+    load_qa(data)  # a bad data file fails before the model loads
+    mdl, tok, _, _, _ = _eval_model(model, "hf")
+    stats = build_rtuning(mdl, tok, data, Path(out), variant=variant, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
+                          batch_size=batch_size, limit=limit, seed=seed)
+    typer.echo(json.dumps(stats, indent=2))
+
+
 @app.command()
 def quickstart(
     out: Annotated[str, typer.Option("--out", help="run directory")] = "runs/quickstart",
