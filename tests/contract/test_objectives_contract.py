@@ -5,6 +5,7 @@ finite loss and gradients on real batches of its `batch_format` (padded and pack
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tunelab.config import DataConfig
 from tunelab.data import tokenize_cached
 from tunelab.data.batching import Unit, get_batcher
 from tunelab.objectives import OBJECTIVES
-from tunelab.objectives._base import Objective
+from tunelab.objectives._base import Objective, PrepareContext
 from tunelab.objectives._logprobs import SeqLogps, sequence_logps
 from tunelab.train.reference import Reference
 
@@ -41,6 +42,9 @@ def _rows(fmt: str) -> list[dict[str, Any]]:
         return [{"prompt": p, "completion": a if i % 2 == 0 else w, "label": i % 2 == 0} for i, (p, a, w) in enumerate(zip(prompts, answers, wrong, strict=True))]
     if fmt == "multi_target":
         return [{"prompt": p, "targets": [a, f"assert {a.split()[1].split('(')[0]}(1, 2) is not None"]} for p, a in zip(prompts, answers, strict=True)]
+    if fmt == "feedback":  # good rows, bad rows with feedback, and a bad row without
+        return [{"prompt": p, "attempt": a if i % 2 == 0 else w, "reward": i % 2 == 0,
+                 "feedback": "" if i % 2 == 0 or i == 3 else "failed: AssertionError"} for i, (p, a, w) in enumerate(zip(prompts, answers, wrong, strict=True))]
     pytest.fail(f"no contract rows for batch_format '{fmt}': add them here")
 
 
@@ -80,9 +84,13 @@ def make(name: str) -> Objective:
 def _setup(name: str, tok: Any, tmp: Path, make_model: Any) -> tuple[Objective, list[Unit], Any, Reference | None]:
     obj = make(name)
     obj.on_step(5, 10)  # mid-run, so scheduled objectives (masked thought's ramp) are active
+    units = units_for(obj.batch_format, tok, tmp)
+    base = make_model()
+    obj.prepare(PrepareContext(units, get_batcher(obj.batch_format), tok.pad_token_id, torch.device("cpu"), nullcontext, 4,
+                               tmp / "prepare", quiet=True, model=base))
     model = make_model().train()
     ref = FrozenCopy(model) if obj.needs_reference else None
-    return obj, units_for(obj.batch_format, tok, tmp), model, ref
+    return obj, units, model, ref
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -32,7 +32,8 @@ TUNELAB = str(Path(sys.executable).parent / "tunelab")
 TINY = sorted(p for p in (REPO / "configs" / "tiny").glob("*.yaml") if p.stem in OBJECTIVES.names())
 # what each objective must log besides the loss (its own metrics reach metrics.jsonl)
 EXPECTED = {"dpo": "rewards/accuracy", "simpo": "rewards/margin", "orpo": "log_odds_ratio", "asft": "rewards/chosen",
-            "kto": "kl", "rrhf": "rank", "multi_target": "nll/target_1", "masked_thought": "mask_rate", "ift": None, "sft": None}
+            "kto": "kl", "rrhf": "rank", "multi_target": "nll/target_1", "masked_thought": "mask_rate", "ift": None, "sft": None,
+            "distill": "kl", "leti": None}
 
 
 def test_every_objective_has_a_tiny_config() -> None:

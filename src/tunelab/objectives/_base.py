@@ -14,6 +14,8 @@ is set, else None.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -25,6 +27,23 @@ if TYPE_CHECKING:
 #: a batcher name (`tunelab.data.batching`: one file per format), so a new data shape is one new batcher file
 BatchFormat = str
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class PrepareContext:
+    """What `Objective.prepare` gets, once per run before training: the data in the objective's shape and the
+    means to run a model over it in the training precision."""
+
+    units: list[Any]  # train + validation units (`tunelab.data.batching.Unit`), sample ids unique
+    batcher: Any  # the format's batcher: `batcher.collate([[u] for u in chunk], pad_id, packed=False)`
+    pad_id: int
+    device: Any
+    autocast: Any  # a context-manager factory: the training precision
+    batch_size: int
+    cache_dir: Path  # where precomputed tables live (keyed by the objective itself), beside the tokenisation cache
+    quiet: bool = False
+    #: the base model, before the method is applied (read-only: e.g. a teacher for self-distillation)
+    model: Any = None
 
 
 class Objective:
@@ -49,6 +68,11 @@ class Objective:
         if self.batch_format == "sft":
             return int((batch["labels"] != -100).sum())
         return int(batch["sample_ids"].numel())
+
+    def prepare(self, ctx: PrepareContext) -> None:
+        """Once per run, before the first step (and again on resume): precompute what the loss needs from models
+        other than the one being trained (e.g. a teacher's distributions). Work must be cached so a resumed run
+        does not redo it. Default: nothing."""
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called by the loop before each optimizer step (0-based) for schedules inside an objective."""

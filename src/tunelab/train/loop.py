@@ -169,6 +169,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         raise UserError(f"method '{cfg.method.name}' cannot train on packed rows; set data.packing=false")  # type: ignore[attr-defined]
     data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
     ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
+    objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
     model = method.apply(model)
     model.train()
     if objective.needs_reference and ref is None:
@@ -278,6 +279,15 @@ def _precomputed_reference(cfg: RunConfig, method: Any, objective: Any, model: A
             model, units, data.train.batcher, data.train.pad_id, cache_dir() / "reference" / key,
             batch_size=cfg.train.batch_size, autocast=acc.autocast, progress=bar.update,
         )
+
+
+def _prepare_context(cfg: RunConfig, data: Any, acc: Any, quiet: bool, model: Any) -> Any:
+    from tunelab.models.presets import cache_dir
+    from tunelab.objectives._base import PrepareContext
+
+    units = data.train.samples + (data.valid.samples if data.valid else [])
+    return PrepareContext(units, data.train.batcher, data.train.pad_id, acc.device, acc.autocast, cfg.train.batch_size,
+                          cache_dir() / "objectives", quiet, model)
 
 
 class _RefProgress:
