@@ -317,6 +317,41 @@ def refusal_aware_(
     typer.echo(json.dumps(stats, indent=2))
 
 
+@data_app.command("feedback")
+def feedback_(
+    model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the model to sample from (the one you will tune)")],
+    out: Annotated[str, typer.Option("--out", help="feedback JSONL to write (prompt, attempt, reward, feedback)")],
+    task: Annotated[str, typer.Option("--task", help="code task judged by execution: mbpp, humaneval, codetasks")] = "mbpp",
+    data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")] = None,
+    k: Annotated[int, typer.Option("--k", help="samples per problem")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature")] = 0.8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per sample")] = 384,
+    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    coarse: Annotated[bool, typer.Option("--coarse", help="binary feedback only: no error text (the paper's coarse-grained ablation)")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="sampling seed")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """LeTI data (arXiv 2305.10314): sample k programs per problem, judge them in the sandbox, write one row per sample with its reward and error feedback; train with objective leti."""
+    from tunelab.evaluate.tasks import TASKS
+
+    if k < 1:
+        raise UserError("data feedback: --k must be at least 1")
+    fields = {"n_samples": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
+              "path": data, "split": split}
+    known = TASKS.config_class(task).model_fields if task in TASKS else {}
+    if split is None and "split" in known:
+        fields["split"] = "train"  # training data: never the test split by default
+    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
+    TASKS.get(task)(cfg).problems()  # a bad data file fails before the model loads  # type: ignore[attr-defined]
+    from tunelab.data.build_feedback import build_feedback
+
+    mdl, tok, _, _, _ = _eval_model(model, "hf")
+    stats = build_feedback(mdl, tok, cfg, Path(out), batch_size=batch_size, coarse=coarse, quiet=quiet)
+    typer.echo(json.dumps(stats, indent=2))
+
+
 @app.command()
 def quickstart(
     out: Annotated[str, typer.Option("--out", help="run directory")] = "runs/quickstart",

@@ -10,6 +10,9 @@ Run ``python -m tunelab.data.builtin.derive`` to rewrite, next to ``code_instruc
   rows and a broken variant with ``label`` false on odd rows);
 * ``code_multi_target.jsonl`` (multi-target SFT: ``targets`` = [the reference answer, the task's unit tests
   as a fenced block]).
+* ``code_feedback.jsonl`` (feedback, for LeTI: each pair as two rows, ``attempt`` = the reference with
+  ``reward`` true and empty ``feedback``, then variant A with ``reward`` false and ``feedback`` =
+  ``FEEDBACK``).
 
 A broken variant is the reference answer with one small edit to the code inside its ```python fence
 (everything else, the fence and any sentence after it included, is kept byte for byte). The edits
@@ -44,13 +47,14 @@ from tunelab.evaluate.sandbox import ExecutionResult, execute_many
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "code_instructions.jsonl"
 OUTPUTS = {"pairs": "code_pairs.jsonl", "ranked": "code_ranked.jsonl", "unpaired": "code_unpaired.jsonl",
-           "multi_target": "code_multi_target.jsonl"}
+           "multi_target": "code_multi_target.jsonl", "feedback": "code_feedback.jsonl"}
 FENCE = re.compile(r"```python\n(.*?)\n```", re.S)
 KINDS = ("flip_comparison", "off_by_one", "swap_arithmetic", "flip_boolean", "swap_call", "edit_string",
          "replace_return", "drop_line")
 TIMEOUT_S = 3.0  # per program; the references finish in milliseconds
 WAVE = 3  # candidates tried per task and round
 USABLE = {"passed", "failed", "error"}  # verdicts that do not depend on speed or host limits
+FEEDBACK = "failed: AssertionError"  # the fixed feedback of code_feedback.jsonl's failing rows (see feedback_rows)
 
 _CMP_SWAP: dict[type, tuple[str, str]] = {  # op -> (regex for its text, replacement)
     ast.LtE: (r"<=", "<"), ast.GtE: (r">=", ">"), ast.Lt: (r"<", "<="), ast.Gt: (r">", ">="),
@@ -496,6 +500,23 @@ def rows(tasks: list[Task]) -> dict[str, list[dict[str, Any]]]:
         # multi-target SFT: the solution and the task's unit tests as a second target (code + its tests)
         tests = "```python\n" + "\n".join(row["tests"]) + "\n```"
         out["multi_target"].append({"id": row["id"], "prompt": prompt, "targets": [t.content, tests], **common})
+    out["feedback"] = feedback_rows(out["pairs"])
+    return out
+
+
+def feedback_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LeTI rows from the pairs: chosen -> reward true (no feedback), rejected -> reward false with `FEEDBACK`.
+
+    The feedback is a fixed generic line, not the variant's own execution output (the search above keeps
+    per-test verdicts only; a variant may also fail with another exception than an assert).
+    """
+    out = []
+    for p in pairs:
+        common = {"id": p["id"], "prompt": p["prompt"]}
+        out.append({**common, "attempt": p["chosen"], "reward": True, "feedback": "", "mutation": None,
+                    "entry_point": p["entry_point"], "tests": p["tests"]})
+        out.append({**common, "attempt": p["rejected"], "reward": False, "feedback": FEEDBACK,
+                    "mutation": p["mutation"], "entry_point": p["entry_point"], "tests": p["tests"]})
     return out
 
 
