@@ -228,13 +228,26 @@ data_app = typer.Typer(help="Build training data: preference pairs from the mode
 app.add_typer(data_app, name="data")
 
 
+def _training_task(task: str, data: str | None, split: str | None, **fields: object):  # noqa: ANN202
+    """The task config a data builder samples from: the given fields the task has, split `train` by default (a
+    builder writes training data, so never the test split unless asked); the data file is read now, so a bad one
+    fails before the model loads."""
+    from tunelab.evaluate.tasks import TASKS
+
+    known = TASKS.config_class(task).model_fields if task in TASKS else {}
+    fields |= {"path": data, "split": split if split is not None or "split" not in known else "train"}
+    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
+    TASKS.get(task)(cfg).problems()  # type: ignore[attr-defined]
+    return cfg
+
+
 @data_app.command("build-pairs")
 def build_pairs_(
     model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the model to sample from (the one you will tune)")],
     out: Annotated[str, typer.Option("--out", help="pairs JSONL to write (prompt, chosen, rejected)")],
     task: Annotated[str, typer.Option("--task", help="code task judged by execution: mbpp, humaneval, codetasks")] = "mbpp",
     data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="dataset split (mbpp: train)")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")] = None,
     k: Annotated[int, typer.Option("--k", help="samples per problem")] = 8,
     temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature")] = 0.8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per sample")] = 384,
@@ -246,15 +259,9 @@ def build_pairs_(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Sample k programs per problem, judge them in the sandbox, write passing/failing pairs for DPO-like objectives."""
-    from tunelab.evaluate.tasks import TASKS
-
     if k < 2 and not reference_chosen:
         raise UserError("data build-pairs: --k must be >= 2 to find both a passing and a failing sample")
-    fields = {"n_samples": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
-              "path": data, "split": split}
-    known = TASKS.config_class(task).model_fields if task in TASKS else {}
-    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
-    TASKS.get(task)(cfg).problems()  # a bad data file fails before the model loads  # type: ignore[attr-defined]
+    cfg = _training_task(task, data, split, n_samples=k, temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, seed=seed)
     from tunelab.data.build_pairs import build_pairs
 
     mdl, tok, _, _, _ = _eval_model(model, "hf")
@@ -277,14 +284,7 @@ def s3ft_(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """S3FT data (arXiv 2502.08130): the model's own answer if judged correct, else its accepted paraphrase of the gold, else the gold; train with objective sft."""
-    from tunelab.evaluate.tasks import TASKS
-
-    fields = {"n_samples": 1, "temperature": 0.0, "max_new_tokens": max_new_tokens, "limit": limit, "path": data, "split": split}
-    known = TASKS.config_class(task).model_fields if task in TASKS else {}
-    if split is None and "split" in known:
-        fields["split"] = "train"  # training data: never the test split by default
-    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
-    TASKS.get(task)(cfg).problems()  # a bad data file fails before the model loads  # type: ignore[attr-defined]
+    cfg = _training_task(task, data, split, n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, limit=limit)
     from tunelab.data.build_s3ft import build_s3ft
 
     mdl, tok, _, _, _ = _eval_model(model, "hf")
@@ -334,17 +334,9 @@ def feedback_(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """LeTI data (arXiv 2305.10314): sample k programs per problem, judge them in the sandbox, write one row per sample with its reward and error feedback; train with objective leti."""
-    from tunelab.evaluate.tasks import TASKS
-
     if k < 1:
         raise UserError("data feedback: --k must be at least 1")
-    fields = {"n_samples": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
-              "path": data, "split": split}
-    known = TASKS.config_class(task).model_fields if task in TASKS else {}
-    if split is None and "split" in known:
-        fields["split"] = "train"  # training data: never the test split by default
-    cfg = TASKS.parse({"name": task, **{f: v for f, v in fields.items() if v is not None and f in known}}, "--task")
-    TASKS.get(task)(cfg).problems()  # a bad data file fails before the model loads  # type: ignore[attr-defined]
+    cfg = _training_task(task, data, split, n_samples=k, temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, seed=seed)
     from tunelab.data.build_feedback import build_feedback
 
     mdl, tok, _, _, _ = _eval_model(model, "hf")
