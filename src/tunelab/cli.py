@@ -46,7 +46,7 @@ def train(
     out: Annotated[str | None, typer.Option("--out", help="run directory (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run in --out")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Train: data -> method -> objective -> checkpoints -> final adapter/weights -> report."""
     from tunelab.train.loop import train as run_train
@@ -168,7 +168,7 @@ def eval_(
     out: Annotated[str | None, typer.Option("--out", help="output dir (default: the run dir, else runs/eval)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once (continuous batching: a finished row makes room for the next)")] = 16,
     backend: Annotated[str, typer.Option("--backend", help="auto | hf | vllm")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Evaluate a model or a trained run on benchmark tasks; writes OUT/eval/<task>/eval/{summary.json,samples.jsonl}."""
     from pydantic import ValidationError
@@ -228,6 +228,20 @@ data_app = typer.Typer(help="Build training data: preference pairs from the mode
 app.add_typer(data_app, name="data")
 
 
+# options shared by the data builders that sample from a model
+SampleModel = Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the model to sample from (the one you will tune)")]
+CodeTask = Annotated[str, typer.Option("--task", help="code task judged by execution: mbpp, humaneval, codetasks")]
+TaskData = Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")]
+TrainSplit = Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")]
+Samples = Annotated[int, typer.Option("--k", help="samples per problem")]
+Temperature = Annotated[float, typer.Option("--temperature", help="sampling temperature")]
+NewTokens = Annotated[int, typer.Option("--max-new-tokens", help="tokens per sample")]
+Limit = Annotated[int | None, typer.Option("--limit", help="only the first N problems")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="rows decoded at once")]
+Seed = Annotated[int, typer.Option("--seed", help="sampling seed")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bar")]
+
+
 def _training_task(task: str, data: str | None, split: str | None, **fields: object):  # noqa: ANN202
     """The task config a data builder samples from: the given fields the task has, split `train` by default (a
     builder writes training data, so never the test split unless asked); the data file is read now, so a bad one
@@ -243,20 +257,20 @@ def _training_task(task: str, data: str | None, split: str | None, **fields: obj
 
 @data_app.command("build-pairs")
 def build_pairs_(
-    model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the model to sample from (the one you will tune)")],
+    model: SampleModel,
     out: Annotated[str, typer.Option("--out", help="pairs JSONL to write (prompt, chosen, rejected)")],
-    task: Annotated[str, typer.Option("--task", help="code task judged by execution: mbpp, humaneval, codetasks")] = "mbpp",
-    data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")] = None,
-    k: Annotated[int, typer.Option("--k", help="samples per problem")] = 8,
-    temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature")] = 0.8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per sample")] = 384,
-    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    task: CodeTask = "mbpp",
+    data: TaskData = None,
+    split: TrainSplit = None,
+    k: Samples = 8,
+    temperature: Temperature = 0.8,
+    max_new_tokens: NewTokens = 384,
+    limit: Limit = None,
     per_problem: Annotated[int, typer.Option("--per-problem", help="pairs per problem (distinct failing samples)")] = 1,
     reference_chosen: Annotated[bool, typer.Option("--reference-chosen/--no-reference-chosen", help="where no sample passes, the reference solution is chosen")] = True,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
-    seed: Annotated[int, typer.Option("--seed", help="sampling seed")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Sample k programs per problem, judge them in the sandbox, write passing/failing pairs for DPO-like objectives."""
     if k < 2 and not reference_chosen:
@@ -275,13 +289,13 @@ def s3ft_(
     model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the base model (the one you will tune)")],
     out: Annotated[str, typer.Option("--out", help="SFT rows JSONL to write (messages, source, problem_id)")],
     task: Annotated[str, typer.Option("--task", help="task that judges answers: mbpp, humaneval, codetasks (sandbox), generation (text metric)")] = "mbpp",
-    data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    data: TaskData = None,
+    split: TrainSplit = None,
+    limit: Limit = None,
     paraphrase: Annotated[bool, typer.Option("--paraphrase/--no-paraphrase", help="ask the model to restate the gold where its own answer fails")] = True,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per answer")] = 512,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    batch_size: BatchSize = 16,
+    quiet: Quiet = False,
 ) -> None:
     """S3FT data (arXiv 2502.08130): the model's own answer if judged correct, else its accepted paraphrase of the gold, else the gold; train with objective sft."""
     cfg = _training_task(task, data, split, n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, limit=limit)
@@ -300,7 +314,7 @@ def refusal_aware_(
     variant: Annotated[str, typer.Option("--variant", help="unsure: gold + 'I am sure/unsure.'; unknown: refusal for unknown questions")] = "unsure",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per greedy answer")] = 15,
     limit: Annotated[int | None, typer.Option("--limit", help="only the first N questions")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
+    batch_size: BatchSize = 16,
     seed: Annotated[int, typer.Option("--seed", help="seed for picking refusal sentences (unknown variant)")] = 0,
 ) -> None:
     """R-Tuning data (arXiv 2311.09677): split QA into known/unknown by the model's greedy answers, write refusal-aware rows."""
@@ -319,19 +333,19 @@ def refusal_aware_(
 
 @data_app.command("feedback")
 def feedback_(
-    model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the model to sample from (the one you will tune)")],
+    model: SampleModel,
     out: Annotated[str, typer.Option("--out", help="feedback JSONL to write (prompt, attempt, reward, feedback)")],
-    task: Annotated[str, typer.Option("--task", help="code task judged by execution: mbpp, humaneval, codetasks")] = "mbpp",
-    data: Annotated[str | None, typer.Option("--data", help="the task's data file (mbpp: mbpp.jsonl)")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="dataset split (default train, for tasks with splits)")] = None,
-    k: Annotated[int, typer.Option("--k", help="samples per problem")] = 8,
-    temperature: Annotated[float, typer.Option("--temperature", help="sampling temperature")] = 0.8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per sample")] = 384,
-    limit: Annotated[int | None, typer.Option("--limit", help="only the first N problems")] = None,
+    task: CodeTask = "mbpp",
+    data: TaskData = None,
+    split: TrainSplit = None,
+    k: Samples = 8,
+    temperature: Temperature = 0.8,
+    max_new_tokens: NewTokens = 384,
+    limit: Limit = None,
     coarse: Annotated[bool, typer.Option("--coarse", help="binary feedback only: no error text (the paper's coarse-grained ablation)")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded at once")] = 16,
-    seed: Annotated[int, typer.Option("--seed", help="sampling seed")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    quiet: Quiet = False,
 ) -> None:
     """LeTI data (arXiv 2305.10314): sample k programs per problem, judge them in the sandbox, write one row per sample with its reward and error feedback; train with objective leti."""
     if k < 1:

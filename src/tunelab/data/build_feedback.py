@@ -13,12 +13,11 @@ extra code after the first function is not added.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tunelab.data._judged import sample_and_judge, write_rows
 from tunelab.errors import UserError
 from tunelab.evaluate.tasks._base import Problem, Prompt, Task
 
@@ -73,23 +72,10 @@ def build_feedback(
     model: Any, tok: Any, task_cfg: Any, out: Path, *, batch_size: int = 16, coarse: bool = False, quiet: bool = False,
 ) -> dict[str, Any]:
     """Sample with the task's settings (n_samples, temperature), judge in the sandbox, write the feedback JSONL."""
-    from tunelab.data.templating import has_chat_template
-    from tunelab.evaluate.runner import evaluate_tasks
-    from tunelab.evaluate.tasks import TASKS
-
-    task: Task = TASKS.get(task_cfg.name)(task_cfg, chat_template=has_chat_template(tok))  # type: ignore[attr-defined]
-    if not task.executes_code:
-        raise UserError(f"data feedback: task '{task.name}' is not judged by execution; use a code task (mbpp, humaneval, codetasks)")
-    work = out.with_name(out.stem + "_samples")
-    summary = evaluate_tasks(model, tok, [task_cfg], work, "samples", batch_size=batch_size, quiet=quiet)[task.name]
-    samples_file = work / "eval" / task.name / "samples" / "samples.jsonl"
-    samples = [json.loads(ln) for ln in samples_file.read_text().splitlines() if ln.strip()]
+    task, samples, summary, path = sample_and_judge(model, tok, task_cfg, out, command="feedback", batch_size=batch_size, quiet=quiet)
     rows, stats = rows_from_samples(task, task.problems(), samples, coarse=coarse)
     if not rows:
-        raise UserError(f"data feedback: no rows (every sample was empty or not run: {stats}); see {samples_file}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+        raise UserError(f"data feedback: no rows (every sample was empty or not run: {stats}); see {path}")
+    write_rows(rows, out)
     return {**stats, "rows": len(rows), "coarse": coarse, "sample_pass_at_1": summary["metrics"].get("pass@1"),
-            "samples_dir": str(work), "out": str(out)}
+            "samples_dir": str(path.parents[3]), "out": str(out)}

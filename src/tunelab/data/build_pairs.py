@@ -10,12 +10,11 @@ most to learn) instead of dropping them; such pairs are marked `chosen_source: r
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tunelab.data._judged import sample_and_judge, write_rows
 from tunelab.errors import UserError
 from tunelab.evaluate.tasks._base import Problem, Task
 
@@ -63,21 +62,9 @@ def build_pairs(
     reference_chosen: bool = True, quiet: bool = False,
 ) -> dict[str, Any]:
     """Sample with the task's settings (n_samples, temperature), judge in the sandbox, write the pairs JSONL."""
-    from tunelab.data.templating import has_chat_template
-    from tunelab.evaluate.runner import evaluate_tasks
-    from tunelab.evaluate.tasks import TASKS
-
-    task: Task = TASKS.get(task_cfg.name)(task_cfg, chat_template=has_chat_template(tok))  # type: ignore[attr-defined]
-    if not task.executes_code:
-        raise UserError(f"data build-pairs: task '{task.name}' is not judged by execution; use a code task (mbpp, humaneval, codetasks)")
-    work = out.with_name(out.stem + "_samples")
-    summary = evaluate_tasks(model, tok, [task_cfg], work, "samples", batch_size=batch_size, quiet=quiet)[task.name]
-    samples = [json.loads(ln) for ln in (work / "eval" / task.name / "samples" / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    task, samples, summary, path = sample_and_judge(model, tok, task_cfg, out, command="build-pairs", batch_size=batch_size, quiet=quiet)
     rows, stats = pairs_from_samples(task, task.problems(), samples, per_problem=per_problem, reference_chosen=reference_chosen)
     if not rows:
         raise UserError(f"data build-pairs: no pairs (every problem's samples all passed or all were empty: {stats}); sample more (--k) or at a higher temperature")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
-    return {**stats, "pairs": len(rows), "sample_pass_at_1": summary["metrics"].get("pass@1"), "samples_dir": str(work), "out": str(out)}
+    write_rows(rows, out)
+    return {**stats, "pairs": len(rows), "sample_pass_at_1": summary["metrics"].get("pass@1"), "samples_dir": str(path.parents[3]), "out": str(out)}
