@@ -171,3 +171,11 @@ def test_resume_from_a_checkpoint_is_bit_exact(path: Path, tmp_path: Path) -> No
         assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-3 kept from before, 4-6 trained by the resumed run
         same = all(torch.equal(want[k], got[k]) for k in want)
         assert same is not perturb, f"{name}: resumed weights {'differ' if not perturb else 'match despite the perturbed checkpoint'}"
+
+
+def test_grad_accum_note_only_for_objectives_that_are_not_invariant(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    over = ["train.max_steps=1", "train.grad_accum=2", "data.limit=12", "train.save_every=0"]
+    for name in ("kto", "dpo"):
+        train(load_config(REPO / "configs" / "tiny" / f"{name}.yaml", [*over, f"out={tmp_path / name}"]))
+        err = capsys.readouterr().err
+        assert ("per-micro-batch statistic" in err) is (not OBJECTIVES.get(name).accumulation_invariant), name

@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -167,6 +168,10 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         raise NotImplementedError(f"objective '{cfg.objective.name}' samples during training, which the loop does not support yet")  # type: ignore[attr-defined]
     if cfg.data.packing and not method.supports_packing:
         raise UserError(f"method '{cfg.method.name}' cannot train on packed rows; set data.packing=false")  # type: ignore[attr-defined]
+    if tc.grad_accum > 1 and not objective.accumulation_invariant and not quiet:
+        # not an error: the paper's estimator is per batch too; the user should know what grad_accum changes
+        print(f"note: objective '{cfg.objective.name}' uses a per-micro-batch statistic, so train.grad_accum="  # type: ignore[attr-defined]
+              f"{tc.grad_accum} is not the same as one batch {tc.grad_accum}x larger (see its docstring)", file=sys.stderr)
     data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
     ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
     objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
