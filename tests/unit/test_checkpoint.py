@@ -142,3 +142,18 @@ def test_load_into_wrong_model_is_an_error(make_model: Any, tmp_path: Path) -> N
     other = make_model()
     with pytest.raises(RuntimeError, match="not in the model"):
         load_checkpoint(path, other, opt, sched)
+
+
+def test_resume_without_a_run_is_refused(tmp_path: Path) -> None:
+    """--resume where no run exists must not silently start a new one (the user expects to continue)."""
+    from tunelab.config import validate
+    from tunelab.errors import UserError
+    from tunelab.train.rundir import prepare
+
+    cfg = validate({"out": str(tmp_path / "none")})
+    with pytest.raises(UserError, match="nothing to resume"):
+        prepare(cfg, resume=True, overwrite=False)
+    assert not (tmp_path / "none").exists()
+    run, resuming = prepare(cfg, resume=False, overwrite=False)
+    assert not resuming and (run / "config.yaml").is_file()
+    assert prepare(cfg, resume=True, overwrite=False) == (run, True)

@@ -45,6 +45,8 @@ def prepare(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
             return run, True
         else:
             raise UserError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    elif resume and not overwrite:
+        raise UserError(f"{run}: nothing to resume (no tunelab run there); drop --resume to start a new run")
     elif run.exists() and any(run.iterdir()) and not overwrite:
         raise UserError(f"{run} exists and is not a tunelab run dir; choose another --out or pass --overwrite")
     run.mkdir(parents=True, exist_ok=True)
