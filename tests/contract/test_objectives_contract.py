@@ -100,6 +100,7 @@ def test_defaults_validate_and_flags(name: str) -> None:
     assert cfg.name == name  # type: ignore[attr-defined]
     assert cls.Config.model_validate(cfg.model_dump()) == cfg
     get_batcher(cls.batch_format)  # the data stage has a batcher for the declared format
+    assert cls.loss_items in ("tokens", "units")
     assert isinstance(cls.needs_reference, bool) and isinstance(cls.needs_generation, bool)
     assert OBJECTIVES.describe(name)["summary"]
 

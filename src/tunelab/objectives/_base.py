@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -54,6 +54,8 @@ class Objective:
     needs_reference: ClassVar[bool] = False
     #: the objective samples from the model during training (online); the loop refuses it until supported
     needs_generation: ClassVar[bool] = False
+    #: what the loss is averaged over: label tokens (token-level LM losses) or units (pairs, groups, samples)
+    loss_items: ClassVar[Literal["tokens", "units"]] = "units"
     #: accumulating micro-batches with the step's `num_items` gives exactly one big batch's loss; False for
     #: losses with a batch-level statistic (KTO's KL estimate), which the contract test then skips, saying why
     accumulation_invariant: ClassVar[bool] = True
@@ -64,8 +66,8 @@ class Objective:
         self.total_steps = 1
 
     def num_items(self, batch: Batch) -> int:
-        """Loss items in this micro-batch: label tokens for SFT data, units (pairs, groups, samples) otherwise."""
-        if self.batch_format == "sft":
+        """Loss items in this micro-batch, as `loss_items` declares: label tokens, or units."""
+        if self.loss_items == "tokens":
             return int((batch["labels"] != -100).sum())
         return int(batch["sample_ids"].numel())
 

@@ -189,6 +189,7 @@ class _Bar:
 class Distill(Objective):
     Config = DistillConfig
     batch_format = "sft"
+    loss_items = "tokens"
 
     def __init__(self, cfg: BaseModel) -> None:
         super().__init__(cfg)

@@ -122,6 +122,7 @@ class IFT(Objective):
 
     Config = IFTConfig
     batch_format = "sft"
+    loss_items = "tokens"
 
     def loss(self, model: Any, batch: Batch, num_items: int, ref: Reference | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg: IFTConfig = self.cfg  # type: ignore[assignment]

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives._base import Batch, Objective
-from tunelab.objectives._logprobs import IGNORE, label_logits
+from tunelab.objectives._logprobs import label_logits
 from tunelab.objectives.sft import sft_loss
 
 
@@ -43,10 +43,8 @@ class LeTI(Objective):
 
     Config = LeTIConfig
     batch_format = "feedback"
+    loss_items = "tokens"
 
-    def num_items(self, batch: Batch) -> int:
-        """Label tokens, as for SFT: the loss is a token-level LM loss."""
-        return int((batch["labels"] != IGNORE).sum())
 
     def loss(self, model: Any, batch: Batch, num_items: int, ref: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         logits, labels = label_logits(model, batch)

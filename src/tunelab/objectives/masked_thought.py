@@ -117,6 +117,7 @@ class MaskedThought(Objective):
 
     Config = MaskedThoughtConfig
     batch_format = "sft"
+    loss_items = "tokens"
 
     def _replacement(self, model: Any) -> tuple[int, int | None]:
         """(vocab size for random ids, fixed replacement id or None)."""

@@ -35,6 +35,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int, label_s
 class SFT(Objective):
     Config = SFTConfig
     batch_format = "sft"
+    loss_items = "tokens"
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: int, ref: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         logits, labels = label_logits(model, batch)
