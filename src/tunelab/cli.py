@@ -135,11 +135,16 @@ def _eval_model(spec: str, backend: str) -> tuple[object, object, str | None, st
 
     run, device = Path(spec), "cuda" if torch.cuda.is_available() else "cpu"
     if (run / "final" / "tunelab.json").is_file():
-        mcfg = ModelConfig(**json.loads((run / "final" / "tunelab.json").read_text())["model"])
-        if (run / "final" / "adapter_config.json").is_file():
+        from tunelab.export import run_info
+
+        info = run_info(run)
+        mcfg = ModelConfig(**info["model"])
+        if info["saved_format"] == "peft":
             path, adapter = weights_on_disk(mcfg.name), str(run / "final")
-        else:
+        elif info["saved_format"] == "full":
             path, adapter = str(run / "final"), None
+        else:  # tunelab's own adapter format: only tunelab's loader (hf backend) rebuilds it
+            path, adapter = None, str(run / "final")
     else:
         mcfg, path, adapter = ModelConfig(name=spec), weights_on_disk(spec), None
     if backend == "vllm" or (backend == "auto" and path is not None and vllm_usable()):

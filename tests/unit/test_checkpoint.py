@@ -13,6 +13,7 @@ import torch
 
 from tunelab.config import TrainConfig, validate
 from tunelab.methods import METHODS
+from tunelab.methods._base import trainable_state
 from tunelab.objectives import OBJECTIVES
 from tunelab.train.checkpoint import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.optim import build_optimizer, build_scheduler, param_groups
@@ -21,7 +22,7 @@ from tunelab.train.optim import build_optimizer, build_scheduler, param_groups
 def setup(make_model: Any, seed: int) -> tuple[Any, Any, Any]:
     torch.manual_seed(seed)  # LoRA's A init draws from the global RNG: different seeds, different weights
     cfg = validate({"method": {"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]}}).method
-    model = METHODS.get("lora")(cfg).apply(make_model())
+    model = METHODS.get("lora")(cfg).tune(make_model())
     tc = TrainConfig(lr=1e-2, warmup_ratio=0.2, scheduler="cosine")
     opt = build_optimizer(param_groups(model, tc.lr, 0.0), tc)
     return model, opt, build_scheduler(opt, tc, total_steps=10)
@@ -49,7 +50,7 @@ def test_round_trip_restores_everything(make_model: Any, sft_batch: dict, tmp_pa
     random.seed(11)
     np.random.seed(12)
     torch.manual_seed(13)
-    path = save_checkpoint(tmp_path / "ckpt", model, opt, sched, state, keep_last=2)
+    path = save_checkpoint(tmp_path / "ckpt", trainable_state(model), opt, sched, state, keep_last=2)
     assert path == tmp_path / "ckpt" / "step-3"
     expect_rng = (random.random(), float(np.random.rand()), torch.rand(3))
     # the continuation we expect to reproduce
@@ -82,7 +83,7 @@ def test_optimizer_state_matters(make_model: Any, sft_batch: dict, tmp_path: Pat
     """Negative control: without the optimizer state, the continuation differs (so the check above can fail)."""
     model, opt, sched = setup(make_model, 0)
     steps(model, opt, sched, sft_batch, 3)
-    path = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=3), keep_last=1)
+    path = save_checkpoint(tmp_path, trainable_state(model), opt, sched, LoopState(step=3), keep_last=1)
     steps(model, opt, sched, sft_batch, 1)
     want = trainable(model)
     model2, opt2, sched2 = setup(make_model, 0)
@@ -96,7 +97,7 @@ def test_checkpoint_holds_only_trainable_params(make_model: Any, tmp_path: Path)
     from safetensors.torch import load_file
 
     model, opt, sched = setup(make_model, 0)
-    path = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=1), keep_last=1)
+    path = save_checkpoint(tmp_path, trainable_state(model), opt, sched, LoopState(step=1), keep_last=1)
     saved = load_file(path / "trainable.safetensors")
     assert set(saved) == set(trainable(model)) and len(saved) == 2 * 2 * 2
     assert json.loads((path / "loop.json").read_text())["step"] == 1
@@ -105,7 +106,7 @@ def test_checkpoint_holds_only_trainable_params(make_model: Any, tmp_path: Path)
 def test_leftover_tmp_and_incomplete_dirs_are_ignored(make_model: Any, tmp_path: Path) -> None:
     model, opt, sched = setup(make_model, 0)
     root = tmp_path / "checkpoints"
-    good = save_checkpoint(root, model, opt, sched, LoopState(step=4), keep_last=5)
+    good = save_checkpoint(root, trainable_state(model), opt, sched, LoopState(step=4), keep_last=5)
     # what a kill -9 during a save leaves behind: a temp dir (even a complete-looking one)
     crashed = root / ".tmp-step-8-12345"
     crashed.mkdir()
@@ -114,7 +115,7 @@ def test_leftover_tmp_and_incomplete_dirs_are_ignored(make_model: Any, tmp_path:
     (root / "step-9").mkdir()
     assert list_checkpoints(root) == [good]
     # a later save with keep_last does not trip over the leftovers
-    save_checkpoint(root, model, opt, sched, LoopState(step=12), keep_last=5)
+    save_checkpoint(root, trainable_state(model), opt, sched, LoopState(step=12), keep_last=5)
     assert [p.name for p in list_checkpoints(root)] == ["step-4", "step-12"]
     assert not list(root.glob(".tmp-step-12-*"))
 
@@ -123,22 +124,22 @@ def test_keep_last_prunes_oldest(make_model: Any, tmp_path: Path) -> None:
     model, opt, sched = setup(make_model, 0)
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8, 10):
-        save_checkpoint(root, model, opt, sched, LoopState(step=step), keep_last=2)
+        save_checkpoint(root, trainable_state(model), opt, sched, LoopState(step=step), keep_last=2)
     assert [p.name for p in list_checkpoints(root)] == ["step-8", "step-10"]  # numeric, not lexical order
     assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-8"]
 
 
 def test_resave_same_step_replaces(make_model: Any, tmp_path: Path) -> None:
     model, opt, sched = setup(make_model, 0)
-    save_checkpoint(tmp_path, model, opt, sched, LoopState(step=5, tokens=1), keep_last=3)
-    save_checkpoint(tmp_path, model, opt, sched, LoopState(step=5, tokens=2), keep_last=3)
+    save_checkpoint(tmp_path, trainable_state(model), opt, sched, LoopState(step=5, tokens=1), keep_last=3)
+    save_checkpoint(tmp_path, trainable_state(model), opt, sched, LoopState(step=5, tokens=2), keep_last=3)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-5"]
     assert json.loads((tmp_path / "step-5" / "loop.json").read_text())["tokens"] == 2
 
 
 def test_load_into_wrong_model_is_an_error(make_model: Any, tmp_path: Path) -> None:
     model, opt, sched = setup(make_model, 0)
-    path = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=1), keep_last=1)
+    path = save_checkpoint(tmp_path, trainable_state(model), opt, sched, LoopState(step=1), keep_last=1)
     other = make_model()
     with pytest.raises(RuntimeError, match="not in the model"):
         load_checkpoint(path, other, opt, sched)

@@ -64,7 +64,7 @@ NORMS = {n for n in LAYER0 | LAYER1 if "layernorm" in n}
 def test_full_trains_everything(model: Any) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    out = method_for({"name": "full"}).apply(model)
+    out = method_for({"name": "full"}).tune(model)
     assert trainable(out) == {n for n, _ in model.named_parameters()}
     t, total = count_params(out)
     assert t == total == sum(p.numel() for p in model.parameters())
@@ -86,15 +86,15 @@ def test_full_trains_everything(model: Any) -> None:
     ],
 )
 def test_freeze_selects_the_right_params(model: Any, spec: dict, expected: set[str]) -> None:
-    out = method_for({"name": "freeze", **spec}).apply(model)
+    out = method_for({"name": "freeze", **spec}).tune(model)
     assert trainable(out) == expected
 
 
 def test_freeze_errors(model: Any) -> None:
     with pytest.raises(UserError, match="either top_layers or freeze_bottom"):
-        method_for({"name": "freeze", "top_layers": 1, "freeze_bottom": 1}).apply(model)
+        method_for({"name": "freeze", "top_layers": 1, "freeze_bottom": 1}).tune(model)
     with pytest.raises(UserError, match="no parameter to train"):
-        method_for({"name": "freeze", "top_layers": 0}).apply(model)
+        method_for({"name": "freeze", "top_layers": 0}).tune(model)
 
 
 # --------------------------------------------------------------------------------------------- lora
@@ -102,7 +102,7 @@ def test_freeze_errors(model: Any) -> None:
 
 def test_lora_trains_only_adapters_on_all_linear(make_model: Any) -> None:
     shapes = {n: p.shape for n, p in make_model().named_parameters()}
-    out = method_for({"name": "lora", "r": 4}).apply(make_model())
+    out = method_for({"name": "lora", "r": 4}).tune(make_model())
     names = trainable(out)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     # all-linear: the seven projections of both layers, never the LM head
@@ -114,7 +114,7 @@ def test_lora_trains_only_adapters_on_all_linear(make_model: Any) -> None:
 
 
 def test_lora_target_list_and_rank(model: Any) -> None:
-    out = method_for({"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]}).apply(model)
+    out = method_for({"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]}).tune(model)
     names = trainable(out)
     assert len(names) == 2 * 2 * 2 and all("q_proj" in n or "v_proj" in n for n in names)
     a = dict(out.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
@@ -124,13 +124,13 @@ def test_lora_target_list_and_rank(model: Any) -> None:
 @pytest.mark.parametrize("extra", [{}, {"dora": True}, {"rslora": True}, {"init": "gaussian"}])
 def test_lora_identity_at_init(make_model: Any, sft_batch: dict, extra: dict) -> None:
     base = logits(make_model(), sft_batch)
-    tuned = method_for({"name": "lora", "r": 4, **extra}).apply(make_model())
+    tuned = method_for({"name": "lora", "r": 4, **extra}).tune(make_model())
     assert torch.allclose(logits(tuned, sft_batch), base, atol=1e-5, rtol=0)
 
 
 def test_lora_is_not_identity_after_perturbation(make_model: Any, sft_batch: dict) -> None:
     base = logits(make_model(), sft_batch)
-    tuned = method_for({"name": "lora", "r": 4}).apply(make_model())
+    tuned = method_for({"name": "lora", "r": 4}).tune(make_model())
     perturb_adapter(tuned)
     assert (logits(tuned, sft_batch) - base).abs().max() > 1e-3
 
@@ -139,7 +139,7 @@ def test_lora_save_final_round_trip_with_peft(make_model: Any, sft_batch: dict, 
     from peft import PeftModel
 
     method = method_for({"name": "lora", "r": 4})
-    tuned = method.apply(make_model())
+    tuned = method.tune(make_model())
     perturb_adapter(tuned)
     want = logits(tuned, sft_batch)
     method.save_final(tuned, tmp_path / "final")
@@ -147,14 +147,14 @@ def test_lora_save_final_round_trip_with_peft(make_model: Any, sft_batch: dict, 
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     loaded = PeftModel.from_pretrained(make_model(), str(tmp_path / "final"))
     assert torch.allclose(logits(loaded, sft_batch), want, atol=1e-6, rtol=0)
-    again = method.load_final(make_model(), tmp_path / "final")
+    again = method.restore(make_model(), tmp_path / "final")
     assert torch.allclose(logits(again, sft_batch), want, atol=1e-6, rtol=0)
 
 
 def test_lora_merge_equals_unmerged(make_model: Any, sft_batch: dict) -> None:
     method = method_for({"name": "lora", "r": 4})
     assert method.mergeable
-    tuned = method.apply(make_model())
+    tuned = method.tune(make_model())
     perturb_adapter(tuned)
     want = logits(tuned, sft_batch)
     merged = method.merged(tuned)
@@ -171,7 +171,7 @@ def test_lora_merge_equals_unmerged(make_model: Any, sft_batch: dict) -> None:
 )
 def test_target_modules_matching_nothing(model: Any, spec: dict) -> None:
     with pytest.raises(UserError) as e:
-        method_for(spec).apply(model)
+        method_for(spec).tune(model)
     assert "does not apply to this model" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -179,7 +179,7 @@ def test_qlora_needs_bitsandbytes_and_cuda(model: Any) -> None:
     if torch.cuda.is_available():
         pytest.skip("checks the CPU message")
     with pytest.raises(UserError, match="bitsandbytes and a CUDA GPU"):
-        method_for({"name": "lora", "quantize": "4bit"}).apply(model)
+        method_for({"name": "lora", "quantize": "4bit"}).tune(model)
 
 
 # --------------------------------------------------------------------------------------------- peft pass-through
@@ -196,9 +196,9 @@ PEFT_TYPES = {
 @pytest.mark.parametrize("ptype", list(PEFT_TYPES))
 def test_peft_pass_through_builds_and_trains(model: Any, sft_batch: dict, ptype: str) -> None:
     method = method_for({"name": "peft", "type": ptype, **PEFT_TYPES[ptype]})
-    tuned = method.apply(model)
+    tuned = method.tune(model)
     names = trainable(tuned)
-    assert names and method.is_peft
+    assert names and method.saved_format == "peft"
     assert all(".default" in n for n in names)  # adapter parameters only; base weights stay frozen
     assert not any(p.requires_grad for n, p in tuned.named_parameters() if ".default" not in n)
     before = {n: p.detach().clone() for n, p in tuned.named_parameters() if p.requires_grad}
@@ -209,7 +209,7 @@ def test_peft_pass_through_builds_and_trains(model: Any, sft_batch: dict, ptype:
 
 
 def test_peft_fields_are_passed_to_peft(model: Any) -> None:
-    tuned = method_for({"name": "peft", "type": "lokr", "r": 4, "target_modules": ["q_proj"]}).apply(model)
+    tuned = method_for({"name": "peft", "type": "lokr", "r": 4, "target_modules": ["q_proj"]}).tune(model)
     cfg = tuned.peft_config["default"]
     assert cfg.r == 4 and set(cfg.target_modules) == {"q_proj"}
     assert all("q_proj" in n for n in trainable(tuned))
@@ -235,7 +235,7 @@ def test_peft_mergeable_follows_type() -> None:
     assert method_for({"name": "peft", "type": "ia3"}).mergeable
     pt = method_for({"name": "peft", "type": "prompt_tuning", "num_virtual_tokens": 2})
     assert not pt.mergeable
-    with pytest.raises(UserError, match="cannot be merged"):
+    with pytest.raises(NotImplementedError, match="cannot be folded"):
         pt.merged(torch.nn.Linear(1, 1))
 
 

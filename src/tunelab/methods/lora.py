@@ -55,6 +55,22 @@ class LoRA(PeftMethod):
             use_dora=cfg.dora, use_rslora=cfg.rslora, init_lora_weights=init,
         )
 
+    def expected_trainable(self, model: Any) -> int:
+        """r * (d_in + d_out) per adapted matrix, plus d_out magnitudes per matrix with DoRA (modules_to_save
+        and trainable biases add their own sizes)."""
+        from peft.tuners.lora import LoraLayer
+
+        cfg: LoRAConfig = self.cfg  # type: ignore[assignment]
+        n = 0
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                # Linear stores [out, in], GPT-2's Conv1D [in, out]: d_in + d_out either way
+                d_out, d_in = module.get_base_layer().weight.shape
+                n += cfg.r * (d_in + d_out) + (module.out_features if cfg.dora else 0)
+        extra = {id(p): p for name, p in model.named_parameters()
+                 if p.requires_grad and "lora_" not in name}  # modules_to_save copies, biases
+        return n + sum(p.numel() for p in extra.values())
+
     def apply(self, model: Any) -> Any:
         if self.cfg.quantize:  # type: ignore[attr-defined]
             _check_qlora(model)

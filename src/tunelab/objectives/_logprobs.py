@@ -3,7 +3,7 @@
 `label_logits` computes logits only at positions that carry a label. For completion-only SFT most prompt
 positions carry none, and the LM head (vocab x hidden) is a large share of a small model's compute, so this
 skips that work. It calls the decoder and the head separately; for models whose head does more than a
-linear map (logit soft-capping, logit scaling) and for prompt-learning PEFT types it falls back to the
+linear map (logit soft-capping, logit scaling) and for methods that add virtual tokens it falls back to the
 model's own forward.
 
 `sequence_logps` sums token log-probs per sequence (chosen, rejected, each ranked response...) in one
@@ -18,16 +18,19 @@ from typing import Any
 
 import torch
 
+from tunelab.methods._base import needs_model_forward
+
 IGNORE = -100
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
 def _plain_lm(model: Any) -> Any | None:
     """The transformers model under any PEFT wrapper, if the fast path is valid for it."""
-    peft_cfg = getattr(model, "active_peft_config", None)
-    if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
+    from peft import PeftModel
+
+    if needs_model_forward(model):
         return None
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
     if any(getattr(lm.config, k, None) for k in _HEAD_EXTRAS):
         return None
     if not hasattr(lm, "get_decoder") or lm.get_output_embeddings() is None:

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
-from tunelab.methods._base import trainable_state
 
 
 @dataclass
@@ -57,15 +56,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: LoopState, keep_last: int) -> Path:
+def save_checkpoint(
+    ckpt_root: Path, tensors: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, state: LoopState, keep_last: int,
+    method_state: dict[str, Any] | None = None,
+) -> Path:
+    """`tensors`: what the method needs to resume (`Method.checkpoint_state`, by default the trainable parameters);
+    `method_state`: the method's non-parameter state (`Method.extra_state`)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{state.step}"
     tmp = ckpt_root / f".tmp-step-{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.contiguous().cpu() for k, v in trainable_state(model).items()}
-    save_file(tensors, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "method": method_state or {}}, tmp / "state.pt")
     (tmp / "loop.json").write_text(json.dumps(asdict(state)))
     for f in tmp.iterdir():
         with f.open("rb") as fh:
@@ -87,7 +91,9 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> LoopState:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, method_state: Callable[[dict[str, Any]], None] | None = None
+) -> LoopState:
     tensors = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
@@ -100,4 +106,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])
+    if method_state is not None:
+        method_state(blob.get("method") or {})
     return LoopState(**json.loads((path / "loop.json").read_text()))

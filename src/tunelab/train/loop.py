@@ -175,24 +175,32 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
     ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
     objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
-    model = method.apply(model)
+    steps_per_epoch = math.ceil(len(data.train) / tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    method.total_steps = total_steps
+    if method.calibration_batches:
+        method.prepare(model, _calibration(data, method.calibration_batches, acc.device))
+    model = method.tune(model)
     model.train()
     if objective.needs_reference and ref is None:
         ref = AdapterOffReference(method, model)
-
-    steps_per_epoch = math.ceil(len(data.train) / tc.grad_accum)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     groups = method.param_groups(model, tc.lr, tc.weight_decay)
     optimizer = build_optimizer(groups, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
     trainable, total = count_params(model)
+    expected = method.expected_trainable(model)
+    if expected is not None and expected != trainable:
+        raise RuntimeError(f"method '{cfg.method.name}' trains {trainable:,} parameters but its formula says {expected:,}: a bug in the method")  # type: ignore[attr-defined]
+    if not quiet:
+        print(f"method {cfg.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)", file=sys.stderr)  # type: ignore[attr-defined]
+    model, optimizer = acc.prepare(model, optimizer)
 
     state = ckpt.LoopState()
     ckpt_root = run_dir / "checkpoints"
     latest = ckpt.list_checkpoints(ckpt_root)[-1:] if resuming else []
     if latest:
-        state = ckpt.load_checkpoint(latest[0], acc.unwrap_model(model), optimizer, scheduler)
+        unwrapped = acc.unwrap_model(model)
+        state = ckpt.load_checkpoint(latest[0], unwrapped, optimizer, scheduler, lambda st: method.load_extra_state(unwrapped, st))
     log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None)
     if state.step == 0:
         state.val_loss_before = validation_loss(model, objective, data.valid, acc, ref)
@@ -210,6 +218,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
             micro = [_next_micro(data.train, state, order_cache) for _ in range(tc.grad_accum)]
             num_items = sum(objective.num_items(b) for b in micro)
             objective.on_step(state.step, total_steps)
+            method.on_step(state.step, total_steps, acc.unwrap_model(model), optimizer)
             loss_sum, real_tokens, step_metrics = 0.0, 0, []
             for i, batch in enumerate(micro):
                 real_tokens += int(batch.pop("real_tokens", torch.tensor(0)))
@@ -223,6 +232,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
             grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            method.after_step(state.step, acc.unwrap_model(model))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -244,7 +254,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:
                 _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, f"step-{state.step}")
             if (tc.save_every and state.step % tc.save_every == 0) or stop.requested:
-                ckpt.save_checkpoint(ckpt_root, acc.unwrap_model(model), optimizer, scheduler, state, tc.keep_last)
+                ckpt.save_checkpoint(ckpt_root, method.checkpoint_state(acc.unwrap_model(model)), optimizer, scheduler, state, tc.keep_last,
+                                     method.extra_state(acc.unwrap_model(model)))
             if stop.requested and state.step < total_steps:
                 interrupted = True
                 break
@@ -253,6 +264,14 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         acc.end_training()
         return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True)
     return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
+
+
+def _calibration(data: Any, n: int, device: Any) -> list[dict[str, torch.Tensor]]:
+    """The first n micro-batches of epoch 0 in training order (reading them draws no random numbers)."""
+    order = data.train.order(0)
+    n = min(n, len(data.train))
+    return [{k: v.to(device) for k, v in data.train.batch(0, i, order).items() if k in ("input_ids", "attention_mask", "position_ids")}
+            for i in range(n)]
 
 
 def _mean_metrics(per_micro: list[dict[str, float]]) -> dict[str, float]:
@@ -314,6 +333,7 @@ class _RefProgress:
 
 
 def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
+    model = method.finalize(acc.unwrap_model(model))
     val_after = validation_loss(model, objective, data.valid, acc, ref)
     if val_after is not None:
         log.write({"step": state.step, "val_loss": val_after})
@@ -323,7 +343,7 @@ def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, 
     shutil.rmtree(tmp, ignore_errors=True)
     method.save_final(unwrapped, tmp)
     tok.save_pretrained(tmp)
-    (tmp / "tunelab.json").write_text(json.dumps({"method": cfg.method.name, "model": cfg.model.model_dump()}))
+    (tmp / "tunelab.json").write_text(json.dumps({"method": cfg.method.name, "model": cfg.model.model_dump(), "saved_format": method.saved_format}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if cfg.eval.after:

@@ -118,9 +118,10 @@ class HFBackend:
     def _continuous_ok(self) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        peft_cfg = getattr(self.model, "active_peft_config", None)
-        if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
-            return False
+        from tunelab.methods._base import needs_model_forward
+
+        if needs_model_forward(self.model):
+            return False  # a soft prompt, prefix or side network lives outside the cache the continuous path splices
         config = getattr(self.model, "config", None)
         if config is None or getattr(config, "is_encoder_decoder", False):
             return False
