@@ -35,8 +35,6 @@ def render(what: str) -> str:
         for fname, f in d["fields"].items():
             default = "required" if f["required"] else f"default {f['default']!r}"
             out.append(f"    {fname}: {f['type']} ({default}) {f['help']}".rstrip())
-        if what == "methods" and name == "peft":
-            from tunelab.methods.peft import peft_types
-
-            out.append("    peft types: " + ", ".join(sorted(peft_types())))
+        if what == "methods":
+            out.extend(f"    {line}" for line in reg.get(name).listing_notes())
     return "\n".join(out)
