@@ -77,6 +77,10 @@ class TrainConfig(Strict):
     tensorboard: bool = True
     trackers: list[str] = Field(default_factory=list, description="extra accelerate trackers: wandb, mlflow, ...")
     num_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay xi: block l of L trains at lr * xi^(L-1-l), embeddings at lr * xi^L"
+    )
+    reinit_top_layers: int = Field(0, ge=0, description="re-initialise the top k blocks before tuning (they must train)")
     reference: Literal["auto", "adapter", "precomputed"] = Field(
         "auto",
         description="reference log-probs for DPO-like objectives: the model with its adapter off (no second copy), "

@@ -30,6 +30,7 @@ from tunelab.methods._base import count_params
 from tunelab.models import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import stability
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 from tunelab.train.reference import AdapterOffReference
@@ -180,11 +181,15 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     method.total_steps = total_steps
     if method.calibration_batches:
         method.prepare(model, _calibration(data, method.calibration_batches, acc.device))
+    reinit = stability.reinit_top_layers(model, tc.reinit_top_layers) if tc.reinit_top_layers else []
     model = method.tune(model)
     model.train()
+    stability.check_reinit_trains(model, reinit, cfg.method.name)  # type: ignore[attr-defined]
     if objective.needs_reference and ref is None:
         ref = AdapterOffReference(method, model)
     groups = method.param_groups(model, tc.lr, tc.weight_decay)
+    if tc.layer_lr_decay is not None:
+        groups = stability.layer_decay_groups(groups, model, tc.layer_lr_decay)
     optimizer = build_optimizer(groups, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     trainable, total = count_params(model)
