@@ -84,6 +84,19 @@ def _print_summary(run_dir: Path, s: dict) -> None:
 
 
 @app.command()
+def compare(
+    grid: Annotated[str, typer.Argument(help="grid YAML: base run config + cells (method/objective/train overrides)")],
+    quiet: Quiet = False,
+) -> None:
+    """Train every cell of a grid on the same data, steps, seed and eval; writes compare.md/json/png (resumable)."""
+    from tunelab.compare import run_grid
+
+    out = run_grid(Path(grid), quiet=quiet)
+    typer.echo((out / "compare.md").read_text())
+    typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
+@app.command()
 def config(
     config: Annotated[str | None, typer.Argument(help="run config YAML")] = None,
     overrides: Overrides = None,

@@ -358,7 +358,9 @@ def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, 
         "train_tokens": state.tokens, "wall_s": round(state.wall_s, 2),
         "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
         "val_loss_before": state.val_loss_before, "val_loss_after": val_after,
-        "peak_rss_mb": round(peak_rss_mb(), 1), "final_dir": str(final), "data": data.stats,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "final_dir": str(final), "data": data.stats,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.end_training()
