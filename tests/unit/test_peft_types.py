@@ -102,3 +102,31 @@ def test_prompt_learning_defaults_fill_virtual_tokens() -> None:
         method = make(ptype)
         assert method.virtual_tokens == 20 and method.needs_model_forward and not method.supports_packing
     assert make("lora").virtual_tokens == 0 and not make("lora").needs_model_forward
+
+
+@pytest.mark.parametrize("ptype", ["prefix_tuning", "prompt_tuning", "p_tuning"])
+def test_prompt_learning_generation_uses_the_prompt(ptype: str, make_model: Any, tok: Any, tmp_path: Path) -> None:
+    """Greedy decoding through the hf backend equals a greedy loop over the model's forward (peft's generate
+    silently dropped a prefix on transformers 5 until tunelab renamed the cache for it), also after a restore."""
+    from test_method_mam import backend_greedy, greedy_by_forward
+
+    from tunelab.generate.backends.hf import eos_ids
+
+    method = make(ptype)
+    model = method.tune(make_model())
+    with torch.no_grad():  # a prompt strong enough to change the greedy tokens
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 3.0)
+    model.eval()
+    rows = [tok.encode("def add(a, b):"), tok.encode("x")]
+    eos = eos_ids(model, tok)
+    method.save_final(model, tmp_path / "final")
+    for m in (model, method.restore(make_model(), tmp_path / "final").eval()):
+        got = backend_greedy(m, tok, rows, 5)
+        for i, prompt in enumerate(rows):
+            want = greedy_by_forward(m, prompt, 5, eos)
+            assert got[i].text == tok.decode(want, skip_special_tokens=True), f"{ptype} row {i}"
+    ids = torch.tensor([rows[0]])
+    assert not torch.allclose(logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
+                              logits(make_model(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), atol=1e-3)

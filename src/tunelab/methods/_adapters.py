@@ -101,6 +101,7 @@ def attach(sublayer: nn.Module, kind: str, adapter: AdapterModule, insertion: Li
 
     sequential: h <- h + delta(h) on the sub-layer's output (Houlsby/Pfeiffer);
     parallel:   h <- h + delta(x) with x the sub-layer's input (He et al.'s parallel adapter).
+    An adapter may replace the addition through `combine(h, x)` (a gated composition).
     A sub-layer that returns a tuple (attention: output, weights) is modified in its first element.
     """
     name = PREFIX + kind
