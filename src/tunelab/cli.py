@@ -97,6 +97,25 @@ def compare(
 
 
 @app.command()
+def search(
+    space: Annotated[str, typer.Argument(help="search YAML: base run config + method templates with distributions")],
+    quiet: Quiet = False,
+) -> None:
+    """AutoPEFT search: optuna multi-objective over method configs; Pareto front of score vs trainable params (resumable)."""
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        from tunelab.errors import UserError
+
+        raise UserError("tunelab search needs optuna: pip install 'tunelab[search]'")
+    from tunelab.search import run_search
+
+    out = run_search(Path(space), quiet=quiet)
+    typer.echo((out / "search.md").read_text())
+    typer.echo(f"wrote {out / 'search.md'}, {out / 'pareto.json'}, {out / 'search.png'}")
+
+
+@app.command()
 def config(
     config: Annotated[str | None, typer.Argument(help="run config YAML")] = None,
     overrides: Overrides = None,
