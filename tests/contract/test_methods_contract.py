@@ -30,6 +30,7 @@ from tunelab.train.optim import build_optimizer
 
 MINIMAL: dict[str, dict[str, Any]] = {
     "freeze": {"top_layers": 1}, "peft": {"type": "lora", "r": 4},
+    "bitfit": {"add_biases": True},  # Llama has no biases: BitFit refuses to train nothing unless told to add them
     "graft": {"finetuned": "runs/finetuned"},  # replaced by a real run from NEEDS_RUN in make()
 }
 PEFT_TYPES: dict[str, dict[str, Any]] = {
