@@ -86,12 +86,15 @@ def _print_summary(run_dir: Path, s: dict) -> None:
 @app.command()
 def compare(
     grid: Annotated[str, typer.Argument(help="grid YAML: base run config + cells (method/objective/train overrides)")],
+    overrides: Overrides = None,
     quiet: Quiet = False,
 ) -> None:
-    """Train every cell of a grid on the same data, steps, seed and eval; writes compare.md/json/png (resumable)."""
+    """Train every cell of a grid on the same data, steps, seed and eval; writes compare.md/json/png (resumable).
+
+    Overrides (key.sub=value) change the shared base config, e.g. train.max_steps=10."""
     from tunelab.compare import run_grid
 
-    out = run_grid(Path(grid), quiet=quiet)
+    out = run_grid(Path(grid), quiet=quiet, overrides=overrides)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
 

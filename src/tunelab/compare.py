@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.config import read_yaml, validate
+from tunelab.config import apply_override, read_yaml, validate
 from tunelab.errors import UserError
 
 _SECTIONS = ("model", "data", "method", "objective", "train", "eval")
@@ -92,8 +92,10 @@ def cell_config(grid: Grid, cell: Cell, out: Path) -> dict[str, Any]:
     return cfg
 
 
-def run_grid(path: Path, quiet: bool = False) -> Path:
+def run_grid(path: Path, quiet: bool = False, overrides: list[str] | None = None) -> Path:
     grid, out = load_grid(path)
+    for item in overrides or []:  # `key.sub=value` on the shared base config (e.g. train.max_steps=10)
+        apply_override(grid.base, item)
     out.mkdir(parents=True, exist_ok=True)
     configs = {c.label: cell_config(grid, c, out) for c in grid.cells}  # every cell valid before any trains
     base_eval = _base_eval(grid, configs[grid.cells[0].label], out, quiet)
@@ -205,12 +207,13 @@ def render_markdown(rows: list[dict[str, Any]], base: dict[str, dict[str, float]
     lines = ["# tunelab compare", ""]
     if base:
         lines += ["Base model: " + "; ".join(f"{t} " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for t, m in base.items()), ""]
-    lines += ["| cell | method | trainable params | % of model | val loss before -> after | score | vs base | train s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    gpu = any(r.get("peak_gpu_mb") for r in rows)
+    lines += ["| cell | method | trainable params | % of model | val loss before -> after | score | vs base | train s | peak RSS MB |"
+              + (" peak GPU MB |" if gpu else ""), "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in rows:
         method = (r.get("method") or {}).get("name", "?")
         if r["status"] != "done":
-            lines.append(f"| {r['label']} | {method} | | | | {r['status']}: {r.get('error', '')} | | | |")
+            lines.append(f"| {r['label']} | {method} | | | | {r['status']}: {r.get('error', '')} | | | |" + (" |" if gpu else ""))
             continue
         frac = 100 * r["trainable_params"] / r["total_params"] if r.get("total_params") else float("nan")
         val = (f"{r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f}"
@@ -218,7 +221,8 @@ def render_markdown(rows: list[dict[str, Any]], base: dict[str, dict[str, float]
         sc = _score(r)
         vs = next((s["vs_base"]["verdict"] for s in r["scores"].values() if "vs_base" in s), "")
         lines.append(f"| {r['label']} | {method} | {r['trainable_params']:,} | {frac:.3f} | {val} | "
-                     f"{f'{sc[1]:.3f} ({sc[0]})' if sc else ''} | {vs} | {r.get('wall_s') or 0:.1f} | {r.get('peak_rss_mb') or 0:.0f} |")
+                     f"{f'{sc[1]:.3f} ({sc[0]})' if sc else ''} | {vs} | {r.get('wall_s') or 0:.1f} | {r.get('peak_rss_mb') or 0:.0f} |"
+                     + (f" {r.get('peak_gpu_mb') or 0:.0f} |" if gpu else ""))
     return "\n".join(lines) + "\n"
 
 
