@@ -190,7 +190,7 @@ def _write(out: Path, records: list[dict[str, Any]], base_eval: dict[str, dict[s
     base = {t: s.get("metrics", {}) for t, s in base_eval.items()}
     (out / "compare.json").write_text(json.dumps({"base": base, "cells": rows}, indent=2))
     (out / "compare.md").write_text(render_markdown(rows, base))
-    _plot(out / "compare.png", rows)
+    _plot(out / "compare.png", rows, base)
 
 
 def _score(row: dict[str, Any]) -> tuple[str, float] | None:
@@ -226,7 +226,7 @@ def render_markdown(rows: list[dict[str, Any]], base: dict[str, dict[str, float]
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
+def _plot(path: Path, rows: list[dict[str, Any]], base: dict[str, dict[str, float]]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -237,6 +237,11 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     for label, n, (_, y) in pts:
         ax.plot([n], [y], "o", color="tab:blue")
         ax.annotate(label, (n, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if pts and pts[0][2][0].endswith(" pass@1"):  # the base model's score, where the cells are scored on a task
+        task = pts[0][2][0].rsplit(" ", 1)[0]
+        if "pass@1" in base.get(task, {}):
+            ax.axhline(base[task]["pass@1"], ls="--", color="tab:gray", lw=1, label="base model")
+            ax.legend(loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(pts[0][2][0] if pts else "score")
