@@ -260,3 +260,22 @@ def test_prompt_tuning_with_packing_is_refused_by_the_loop(tmp_path: Path) -> No
     })
     with pytest.raises(UserError, match="data.packing=false"):
         train(cfg, quiet=True)
+
+
+def test_freeze_on_a_bert_classifier() -> None:
+    """Telly-style freezing (embeddings + bottom K blocks frozen) on a BERT-style encoder, with its task head."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                     num_labels=2)
+    torch.manual_seed(0)
+    model = method_for({"name": "freeze", "freeze_bottom": 1, "patterns": ["^classifier\\.", "^bert\\.pooler\\."]}).tune(
+        BertForSequenceClassification(cfg))
+    names = trainable(model)
+    assert names and not any("embeddings" in n or ".layer.0." in n for n in names)
+    assert any(".layer.1." in n for n in names) and any(".layer.2." in n for n in names)
+    assert {"classifier.weight", "classifier.bias"} <= set(names)
+    ids = torch.randint(0, 100, (2, 6))
+    loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1]))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
