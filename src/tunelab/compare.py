@@ -24,7 +24,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tunelab.config import apply_override, read_yaml, validate
 from tunelab.errors import UserError
 
+M = TypeVar("M", bound=BaseModel)
 _SECTIONS = ("model", "data", "method", "objective", "train", "eval")
 
 
@@ -53,13 +54,17 @@ class Grid(BaseModel):
     out: str | None = None
 
 
-def load_grid(path: Path) -> tuple[Grid, Path]:
-    data = read_yaml(path)
+def read_model(path: Path, cls: type[M]) -> M:
+    """A YAML file validated as `cls`: one-line error naming the file and the key."""
     try:
-        grid = Grid.model_validate(data)
+        return cls.model_validate(read_yaml(path))
     except ValidationError as e:
         err = e.errors()[0]
         raise UserError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+def load_grid(path: Path) -> tuple[Grid, Path]:
+    grid = read_model(path, Grid)
     if not grid.cells:
         raise UserError(f"{path}: cells: the grid has no cells")
     labels = [c.label for c in grid.cells]

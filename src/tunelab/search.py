@@ -35,10 +35,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.compare import Cell, Grid, _run_cell, cell_config
-from tunelab.config import read_yaml
+from tunelab.compare import Cell, Grid, _run_cell, cell_config, read_model
 from tunelab.errors import UserError
 
 _DISTS = ("int", "float", "categorical", "subset")
@@ -55,12 +54,7 @@ class Space(BaseModel):
 
 
 def load_space(path: Path) -> tuple[Space, Path]:
-    data = read_yaml(path)
-    try:
-        space = Space.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    space = read_model(path, Space)
     if not space.space:
         raise UserError(f"{path}: space: no method templates to search")
     for i, tpl in enumerate(space.space):
