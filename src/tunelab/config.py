@@ -98,6 +98,9 @@ class EvalConfig(Strict):
     before: bool = Field(True, description="evaluate the base model before training")
     after: bool = Field(True, description="evaluate the tuned model after training")
     every: int = Field(0, ge=0, description="also evaluate every N steps (0: off)")
+    allow_weak_sandbox: bool = Field(
+        False, description="run model-written code even where bubblewrap's isolation is unavailable (weaker isolation)"
+    )
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -103,6 +103,9 @@ def run_task(engine: Engine, task: Task, out_dir: Path, *, label: str, quiet: bo
     col = _Collector(problems, sampling.n)
     with _progress(task.name, len(problems), quiet) as tick:
         if task.executes_code:
+            from tunelab.evaluate.sandbox import check_isolation
+
+            check_isolation()  # refuse before generating anything, not after
             _run_code(engine, task, problems, prompts, rendered, col, tick)
         else:
             _run_text(engine, task, problems, prompts, rendered, col, tick)

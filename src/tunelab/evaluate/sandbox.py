@@ -1574,15 +1574,50 @@ def _execute(program: str, setup: str | None, timeout: float, memory_mb: int,
                                duration=time.monotonic() - t0, isolation="none (not executed)")
 
 
+ALLOW_WEAK_ENV = "TUNELAB_ALLOW_WEAK_SANDBOX"
+
+
+def allow_weak_isolation(allow: bool = True) -> None:
+    """Accept running model code with weaker isolation than bubblewrap's (the user's explicit opt-in). Set in the
+    environment, so the processes tunelab starts (compare cells, search trials) inherit the choice."""
+    if allow:
+        os.environ[ALLOW_WEAK_ENV] = "1"
+    else:
+        os.environ.pop(ALLOW_WEAK_ENV, None)
+
+
+def _require_full_isolation(iso: _Isolation) -> None:
+    """Safe by default: without bubblewrap's isolation, refuse to run model code unless the user opted in."""
+    if iso.kind == "bwrap" or os.environ.get(ALLOW_WEAK_ENV) == "1":
+        return
+    from tunelab.errors import UserError
+
+    why = "; ".join(_DETECT_ERRORS)[:200] or iso.note or f"only '{iso.kind}' isolation works here"
+    raise UserError(
+        f"code evaluation runs model-written programs and needs bubblewrap's isolation, which is not usable here ({why}); "
+        "install it (apt-get install bubblewrap) and allow unprivileged user namespaces, or accept weaker isolation "
+        f"explicitly: --allow-weak-sandbox, eval.allow_weak_sandbox: true, or {ALLOW_WEAK_ENV}=1"
+    )
+
+
+def check_isolation() -> None:
+    """Raise UserError now if model code could not run with full isolation here and the user did not opt in."""
+    _require_full_isolation(_detect())
+
+
 def execute(program: str, *, timeout: float = 10.0, memory_mb: int = 1024,
             setup: str | None = None) -> ExecutionResult:
     """Run `program` (candidate code followed by its tests) in a fresh sandboxed interpreter.
 
     `setup` is trusted code run first in the same namespace (e.g. MBPP ``test_setup_code``). `timeout` is
     wall-clock seconds from the moment the sandbox is ready; `memory_mb` caps the address space of each
-    process. Never raises for anything the program does; invalid arguments raise ValueError/TypeError.
+    process. Never raises for anything the program does; invalid arguments raise ValueError/TypeError; without
+    bubblewrap, UserError unless weaker isolation was accepted (`allow_weak_isolation`).
     """
-    return _execute(program, setup, timeout, memory_mb)
+    _validate(timeout, memory_mb)
+    iso = _detect()
+    _require_full_isolation(iso)
+    return _execute(program, setup, timeout, memory_mb, iso)
 
 
 ProgramSpec = str | tuple[str, str | None]
@@ -1618,6 +1653,7 @@ def execute_many(programs: Sequence[ProgramSpec], *, workers: int | None = None,
     cores = _available_cores()
     n = max(1, min(workers or cores, cores, len(items)))
     iso = _detect()
+    _require_full_isolation(iso)
 
     def one(index: int) -> ExecutionResult:
         program, setup = items[index]
