@@ -24,8 +24,16 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False,
+    allow_weak_sandbox: Annotated[bool, typer.Option(
+        "--allow-weak-sandbox", help="run model-written code even where bubblewrap's isolation is unavailable (weaker: rlimits / unshare only)")] = False,
+) -> None:
     _DEBUG["on"] = debug
+    if allow_weak_sandbox:
+        from tunelab.evaluate.sandbox import allow_weak_isolation
+
+        allow_weak_isolation()
 
 
 def _config(path: str | None, overrides: list[str] | None, out: str | None):  # noqa: ANN202
@@ -71,6 +79,8 @@ def _print_summary(run_dir: Path, s: dict) -> None:
     t.add_row("steps / tokens", f"{s['steps']} / {s['train_tokens']:,} ({s['tokens_per_s'] or 0:,.0f} tok/s)")
     if s.get("val_loss_before") is not None:
         t.add_row("validation loss", f"{s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}")
+    for v in s.get("verdicts") or []:
+        t.add_row(f"verdict: {v['what']}", v["verdict"])
     for task_dir in sorted((run_dir / "eval").glob("*")):
         scores = []
         for label in ("before", "after"):

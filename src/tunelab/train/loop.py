@@ -108,20 +108,26 @@ def _accelerator(cfg: RunConfig, run_dir: Path) -> Any:
 def validation_loss(model: Any, objective: Any, batches: Batches | None, acc: Any = None, ref: Any = None) -> float | None:
     """Mean loss per loss item (token or unit) on the validation set, in the training precision (dropout off;
     RNG untouched)."""
+    per_batch = validation_batches(model, objective, batches, acc, ref)
+    return None if per_batch is None else sum(t for t, _ in per_batch) / max(sum(c for _, c in per_batch), 1)
+
+
+def validation_batches(model: Any, objective: Any, batches: Batches | None, acc: Any = None, ref: Any = None) -> list[tuple[float, float]] | None:
+    """(summed loss, loss items) per validation batch, in a fixed order: the paired units of the before/after
+    verdict (tunelab.evaluate.verdict)."""
     if batches is None:
         return None
     was_training = model.training
     model.eval()
-    total = count = 0.0
+    out = []
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         n = objective.num_items(batch)
         with acc.autocast() if acc is not None else nullcontext():
             loss, _ = objective.loss(model, batch, n, ref)
-        total += loss.item() * n
-        count += n
+        out.append((loss.item() * float(n), float(n)))
     model.train(was_training)
-    return total / max(count, 1)
+    return out
 
 
 def _eval_tasks(cfg: RunConfig, model: Any, tok: Any, run_dir: Path, label: str) -> dict[str, Any]:
@@ -162,6 +168,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     torch.manual_seed(tc.seed)
     acc = _accelerator(cfg, run_dir)
 
+    _check_sandbox(cfg)  # before any training: an evaluation that would be refused later is refused now
     model, tok = load_model(cfg.model, acc.device)
     method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
@@ -208,7 +215,9 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         state = ckpt.load_checkpoint(latest[0], unwrapped, optimizer, scheduler, lambda st: method.load_extra_state(unwrapped, st))
     log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None)
     if state.step == 0:
-        state.val_loss_before = validation_loss(model, objective, data.valid, acc, ref)
+        before = validation_batches(model, objective, data.valid, acc, ref)
+        state.val_loss_before = None if before is None else sum(t for t, _ in before) / max(sum(c for _, c in before), 1)
+        state.extra["val_batches_before"] = before
         if cfg.eval.before:
             _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, "before")
         if state.val_loss_before is not None:
@@ -269,6 +278,16 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         acc.end_training()
         return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True)
     return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
+
+
+def _check_sandbox(cfg: RunConfig) -> None:
+    from tunelab.evaluate.sandbox import allow_weak_isolation, check_isolation
+    from tunelab.evaluate.tasks import TASKS
+
+    if cfg.eval.allow_weak_sandbox:
+        allow_weak_isolation()
+    if any(TASKS.get(t.name).executes_code for t in cfg.eval.tasks):  # type: ignore[attr-defined]
+        check_isolation()
 
 
 def _calibration(data: Any, n: int, device: Any) -> list[dict[str, torch.Tensor]]:
@@ -339,7 +358,8 @@ class _RefProgress:
 
 def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
     model = method.finalize(acc.unwrap_model(model))
-    val_after = validation_loss(model, objective, data.valid, acc, ref)
+    after = validation_batches(model, objective, data.valid, acc, ref)
+    val_after = None if after is None else sum(t for t, _ in after) / max(sum(c for _, c in after), 1)
     if val_after is not None:
         log.write({"step": state.step, "val_loss": val_after})
     unwrapped = acc.unwrap_model(model)
@@ -358,10 +378,15 @@ def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, 
         "train_tokens": state.tokens, "wall_s": round(state.wall_s, 2),
         "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
         "val_loss_before": state.val_loss_before, "val_loss_after": val_after,
+        "val_batches_before": state.extra.get("val_batches_before"), "val_batches_after": after,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "final_dir": str(final), "data": data.stats,
     }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from tunelab.evaluate.verdict import run_verdicts
+
+    summary["verdicts"] = run_verdicts(run_dir)  # from the files just written: the same numbers as any later reader
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.end_training()
     from tunelab.report import write_report
