@@ -32,12 +32,13 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;backgro
 main{max-width:1100px;margin:0 auto;padding:16px 24px}
 section{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:12px 18px;margin:14px 0}
 h1{font-size:22px;margin:8px 0} h2{font-size:18px;margin:4px 0 10px} h3{font-size:16px;margin:14px 0 6px}
-table{border-collapse:collapse;margin:6px 0 10px} th,td{border:1px solid #dde1e7;padding:3px 9px;text-align:left}
+table{border-collapse:collapse;margin:6px 0 10px;max-width:100%}
+th,td{border:1px solid #dde1e7;padding:3px 9px;text-align:left;overflow-wrap:anywhere;vertical-align:top}
 thead th{background:#eef1f5} tbody th{font-weight:600;background:#fafbfc}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f3f4f6;padding:8px;border-radius:6px;overflow-x:auto;white-space:pre-wrap;word-break:break-word}
 details{margin:3px 0;border-left:3px solid #c8ced8;padding-left:8px} summary{cursor:pointer}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:10px} .muted{color:#6b7280}
+.pair{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:10px} .muted{color:#6b7280}
 .error{color:#b42318} img{max-width:100%;display:block;margin:6px 0}
 footer{color:#6b7280;text-align:center;padding:12px 0 24px;font-size:12px}
 """
@@ -52,6 +53,7 @@ def write_report(run_dir: Path) -> Path:
     body = "\n".join(
         [
             _safe("Run", _header, run_dir, config),
+            _safe("Verdict", _verdict_section, _read_json(run_dir / "summary.json")),
             _safe("Summary", _summary_section, _read_json(run_dir / "summary.json")),
             _safe("Training curves", _training_section, _read_jsonl(run_dir / "metrics.jsonl")),
             _safe("Evaluation", _eval_section, run_dir / "eval"),
@@ -216,7 +218,26 @@ _KEY_FIGURES = {
     "peak RSS": lambda s: f"{_fmt(s.get('peak_rss_mb'), ',.0f')} MB",
 }
 _KNOWN = {"trainable_params", "total_params", "steps", "train_tokens", "wall_s", "tokens_per_s"}
-_KNOWN |= {"val_loss_before", "val_loss_after", "peak_rss_mb"}
+_KNOWN |= {"val_loss_before", "val_loss_after", "peak_rss_mb", "val_batches_before", "val_batches_after", "verdicts", "data"}
+
+
+def _verdict_section(summary: Any) -> str:
+    """The first screen's answer: did it get better, by how much, how sure (tunelab.evaluate.verdict)."""
+    verdicts = summary.get("verdicts") if isinstance(summary, dict) else None
+    if not verdicts:
+        return _section("Verdict", _note("No before/after comparison in this run (no validation set and no eval tasks run before and after)."))
+    rows = []
+    for v in verdicts:
+        before, after = v.get("before", v.get("rate_a")), v.get("after", v.get("rate_b"))
+        rows.append([str(v.get("what")), _fmt(before), _fmt(after), str(v.get("verdict"))])
+    return _section("Verdict", _table(["compared", "before", "after", "verdict"], rows))
+
+
+def _data_table(summary: Any) -> str:
+    data = summary.get("data") if isinstance(summary, dict) else None
+    if not isinstance(data, dict):
+        return ""
+    return "<h3>Data</h3>" + _table(None, [[str(k).replace("_", " "), _fmt(v, ",")] for k, v in data.items()])
 
 
 def _summary_section(summary: Any) -> str:
@@ -224,7 +245,7 @@ def _summary_section(summary: Any) -> str:
         return _section("Summary", _note("No summary.json yet (training not finished, or it failed)."))
     key_rows = [[name, render(summary)] for name, render in _KEY_FIGURES.items()]
     other = [[str(k), _fmt(v, ".6g")] for k, v in summary.items() if k not in _KNOWN]
-    parts = [_table(None, key_rows)]
+    parts = [_table(None, key_rows), _data_table(summary)]
     if other:
         parts += ["<h3>Other values</h3>", _table(None, other)]
     return _section("Summary", "\n".join(parts))
@@ -300,7 +321,7 @@ def _metrics_table(runs: dict[str, _EvalRun]) -> str:
     rows = [[n, *(_fmt(metrics[label].get(n)) for label in runs)] for n in names]
     rows += [[k, *(_fmt(r.summary.get(k)) for r in runs.values())] for k in ("n_problems", "n_samples")]
     if any("isolation" in r.summary for r in runs.values()):
-        rows.append(["isolation", *(_fmt(r.summary.get("isolation")) for r in runs.values())])
+        rows.append(["isolation", *(_isolation_summary(r.summary.get("isolation")) for r in runs.values())])
     return _table(["metric", *runs], rows)
 
 
@@ -312,6 +333,18 @@ def _status_table(runs: dict[str, _EvalRun]) -> str:
     if not statuses:
         return _note("No samples.jsonl recorded.")
     return _table(["status", *runs], [[st, *(str(counts[label][st]) for label in runs)] for st in statuses])
+
+
+def _isolation_summary(text: Any) -> str:
+    """One evaluation's sandbox isolation, once: the mode and its flags, per-run uids folded together (fallback
+    modes give each program run its own uid, which would otherwise list one string per run)."""
+    if not text:
+        return "-"
+    groups: dict[str, set[str]] = {}
+    for part in str(text).split(", "):
+        groups.setdefault(re.sub(r"uid=\d+", "uid=*", part), set()).add(part)
+    return " | ".join(next(iter(parts)) if len(parts) == 1 else f"{tpl.replace('uid=*', 'uid=per-run')} ({len(parts)} runs)"
+                      for tpl, parts in groups.items())
 
 
 def _pass_counts(run: _EvalRun) -> dict[str, tuple[int, int]]:
