@@ -157,7 +157,11 @@ def test_defaults_resolve_to_lora_sft() -> None:
     assert cfg.method.name == "lora" and cfg.objective.name == "sft"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("path", sorted((CONFIG.parents[1]).rglob("*.yaml")), ids=lambda p: p.name)
+# run configs; configs/compare holds grids and search spaces (tests/unit/test_shipped_grids.py validates those)
+RUN_CONFIGS = sorted(p for p in CONFIG.parents[1].rglob("*.yaml") if "compare" not in p.parts)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate_and_their_data_resolves(path: Path) -> None:
     from tunelab.data.sources import resolve
 

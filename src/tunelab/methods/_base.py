@@ -188,7 +188,12 @@ def virtual_tokens(model: torch.nn.Module) -> int:
 
 def needs_model_forward(model: torch.nn.Module) -> bool:
     method = method_of(model)
-    return method.needs_model_forward if method is not None else False
+    if method is not None:
+        return method.needs_model_forward
+    # a model tunelab did not build (a PeftModel made by the caller): a prompt-learning peft config is the one
+    # case where the decoder alone does not compute the model's outputs
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
 
 
 def _missing_keys(base: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
