@@ -31,7 +31,13 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict[str
         reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(suffix)
         if reader is None:
             raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
-        yield from reader(path)
+        try:
+            yield from reader(path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{_line_of(path, e.start)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                            "save it as UTF-8, or check that this is the data file you meant") from None
+        except csv.Error as e:
+            raise UserError(f"{path}: malformed CSV ({e}); check quoting and that it is a text file") from None
     elif path.is_dir():
         yield from _saved_dataset(path, split)
     elif suffix in (".jsonl", ".json", ".csv", ".parquet") or source.startswith((".", "/", "~")):
@@ -40,10 +46,21 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict[str
         yield from _hub_dataset(source, split)
 
 
+def _line_of(path: Path, offset: int) -> int:
+    """1-based line number of a byte offset in `path`."""
+    with path.open("rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) per non-blank line; a bad line is a UserError naming file:line."""
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{i}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8, "
+                                "or check that this is the data file you meant") from None
             if not line.strip():
                 continue
             try:
@@ -85,9 +102,14 @@ def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
+    for i, row in enumerate(table.to_pylist()):
         yield f"{path}[row {i}]", row
 
 

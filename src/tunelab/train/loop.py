@@ -153,8 +153,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     run_dir, resuming = prepare(cfg, resume, overwrite)
     try:
         return _train(cfg, run_dir, resuming, quiet)
-    except UserError:
-        # a mistake found while setting up (bad data, a method that does not fit) leaves no half-made run
+    except Exception:
+        # a failure while setting up (bad data, a method that does not fit, a crash) leaves no half-made run
         # behind that a rerun would refuse to overwrite; a run with a checkpoint is kept for --resume
         if not resuming and not ckpt.list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_utf8
 from tunelab.evaluate.tasks import TASKS
 from tunelab.evaluate.tasks._base import Problem, Prompt, Task, TaskConfig, code_request, read_jsonl
 
@@ -70,9 +70,10 @@ def _normalise(row: dict[str, Any], where: str) -> dict[str, Any]:
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"mbpp.path: file not found: {path}")
-    if path.read_text(encoding="utf-8").lstrip().startswith("["):  # sanitized-mbpp.json is one JSON array
+    text = read_utf8(path)
+    if text.lstrip().startswith("["):  # sanitized-mbpp.json is one JSON array
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(text)
         except ValueError as e:
             raise UserError(f"{path}: invalid JSON ({e})") from None
         return [_normalise(r, f"{path}[{i}]") for i, r in enumerate(rows)]
