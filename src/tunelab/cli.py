@@ -20,6 +20,21 @@ app = typer.Typer(
 )
 _DEBUG = {"on": False}
 
+def _quiet_libraries() -> None:
+    """tunelab's own progress and results only: transformers' weight-loading and GGUF bars, its info logs and
+    the libraries' deprecation warnings stay hidden (set before they are imported; children inherit the env)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this switch
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch|accelerate|datasets)(\.|$)")
+
+
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. method.r=8 train.max_steps=50")]
 
 
@@ -28,8 +43,11 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False,
     allow_weak_sandbox: Annotated[bool, typer.Option(
         "--allow-weak-sandbox", help="run model-written code even where bubblewrap's isolation is unavailable (weaker: rlimits / unshare only)")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="also show the libraries' own progress bars, logs and warnings")] = False,
 ) -> None:
     _DEBUG["on"] = debug
+    if not verbose:
+        _quiet_libraries()
     if allow_weak_sandbox:
         from tunelab.evaluate.sandbox import allow_weak_isolation
 
