@@ -218,7 +218,7 @@ _KEY_FIGURES = {
     "peak RSS": lambda s: f"{_fmt(s.get('peak_rss_mb'), ',.0f')} MB",
 }
 _KNOWN = {"trainable_params", "total_params", "steps", "train_tokens", "wall_s", "tokens_per_s"}
-_KNOWN |= {"val_loss_before", "val_loss_after", "peak_rss_mb", "val_batches_before", "val_batches_after", "verdicts", "data"}
+_KNOWN |= {"val_loss_before", "val_loss_after", "peak_rss_mb", "val_samples_before", "val_samples_after", "verdicts", "data"}
 
 
 def _verdict_section(summary: Any) -> str:

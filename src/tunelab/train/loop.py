@@ -112,16 +112,22 @@ def validation_loss(model: Any, objective: Any, batches: Batches | None, acc: An
     return None if per_batch is None else sum(t for t, _ in per_batch) / max(sum(c for _, c in per_batch), 1)
 
 
-def validation_batches(model: Any, objective: Any, batches: Batches | None, acc: Any = None, ref: Any = None) -> list[tuple[float, float]] | None:
-    """(summed loss, loss items) per validation batch, in a fixed order: the paired units of the before/after
-    verdict (tunelab.evaluate.verdict)."""
+VERDICT_UNITS = 500  # validation samples scored one by one for the before/after verdict (the first ones)
+
+
+def validation_batches(model: Any, objective: Any, batches: Batches | None, acc: Any = None, ref: Any = None,
+                       per_sample: bool = False) -> list[tuple[float, float]] | None:
+    """(summed loss, loss items) per validation batch in a fixed order; with `per_sample`, per validation sample
+    (each alone, unpadded; at most VERDICT_UNITS): the paired units of the before/after verdict."""
     if batches is None:
         return None
     was_training = model.training
     model.eval()
     out = []
-    for batch in batches:
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+    units = ([batches.batcher.collate([[u]], batches.pad_id, False) for u in batches.samples[:VERDICT_UNITS]]
+             if per_sample else batches)
+    for batch in units:
+        batch = {k: v.to(model.device) for k, v in batch.items() if k != "real_tokens"}
         n = objective.num_items(batch)
         with acc.autocast() if acc is not None else nullcontext():
             loss, _ = objective.loss(model, batch, n, ref)
@@ -217,7 +223,7 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     if state.step == 0:
         before = validation_batches(model, objective, data.valid, acc, ref)
         state.val_loss_before = None if before is None else sum(t for t, _ in before) / max(sum(c for _, c in before), 1)
-        state.extra["val_batches_before"] = before
+        state.extra["val_samples_before"] = validation_batches(model, objective, data.valid, acc, ref, per_sample=True)
         if cfg.eval.before:
             _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, "before")
         if state.val_loss_before is not None:
@@ -378,7 +384,8 @@ def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, 
         "train_tokens": state.tokens, "wall_s": round(state.wall_s, 2),
         "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
         "val_loss_before": state.val_loss_before, "val_loss_after": val_after,
-        "val_batches_before": state.extra.get("val_batches_before"), "val_batches_after": after,
+        "val_samples_before": state.extra.get("val_samples_before"),
+        "val_samples_after": validation_batches(model, objective, data.valid, acc, ref, per_sample=True),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "final_dir": str(final), "data": data.stats,
