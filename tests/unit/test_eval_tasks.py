@@ -276,3 +276,24 @@ def test_sandbox_errors_are_flagged_not_hidden() -> None:
     assert _warnings(Counter({"passed": 3, "failed": 1})) == []
     (w,) = _warnings(Counter({"sandbox_error": 2, "failed": 2}))
     assert "2 of 4" in w and "lower bound" in w
+
+
+def test_codetasks_reads_builtin_chat_rows_and_skips_trained_rows() -> None:
+    """The quickstart's held-out check: builtin rows 181-200 as code tasks; their reference answers pass."""
+    import json
+
+    from tunelab.data.sources import resolve
+    from tunelab.evaluate.sandbox import execute_many
+    from tunelab.evaluate.tasks import TASKS
+
+    cfg = TASKS.config_class("codetasks")(name="codetasks", path="builtin:code_instructions", skip=180)
+    task = TASKS.get("codetasks")(cfg, chat_template=True)
+    problems = task.problems()
+    assert [p.id for p in problems] == [f"tl-{i:03d}" for i in range(181, 201)]
+    lines = Path(resolve("builtin:code_instructions")).read_text().splitlines()
+    rows = {r["id"]: r for r in map(json.loads, lines)}
+    answers = [rows[p.id]["messages"][-1]["content"] for p in problems]
+    runs = execute_many([task.program(p, a) for p, a in zip(problems, answers, strict=True)])
+    assert all(r.passed for r in runs), [r.reason for r in runs if not r.passed][:2]
+    wrong = execute_many([task.program(problems[0], "```python\ndef pad_right(items, n, fill=None):\n    return items\n```")])
+    assert not wrong[0].passed

@@ -35,6 +35,7 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int | None = Field(None, gt=0, description="evaluate only the first N problems")
+    skip: int = Field(0, ge=0, description="skip the first N problems (e.g. the rows a run trained on); before limit")
     n_samples: int = Field(1, ge=1, description="completions per problem; pass@k is reported for k <= n_samples")
     temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 = greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (sampling only)")
@@ -105,6 +106,7 @@ class Task:
 
     def problems(self) -> list[Problem]:
         problems = self.load()
+        problems = problems[self.cfg.skip :]
         return problems[: self.cfg.limit] if self.cfg.limit else problems
 
     def prompt(self, problem: Problem) -> Prompt:

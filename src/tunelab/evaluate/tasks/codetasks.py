@@ -2,7 +2,7 @@
 run the candidate plus its tests in the sandbox, report the unbiased pass@k.
 
 One JSON object per line: `prompt` (the task text, or a signature + docstring to continue in completion
-mode), `tests` (a list of assert statements, or one string of test code; a string that defines
+mode; a chat row's first user turn when it has `messages` instead, as tunelab's `builtin:` sets do), `tests` (a list of assert statements, or one string of test code; a string that defines
 `check(candidate)` gets `check(<entry_point>)` appended, as in HumanEval), `entry_point` (the function
 under test), optional `setup` (code the sandbox runs first) and optional `id` (default: the line number).
 A malformed row is an error naming file:line, before any generation starts.
@@ -33,10 +33,13 @@ _DEFINES_CHECK = re.compile(r"^def check\(", re.MULTILINE)
 
 class CodeTasksConfig(TaskConfig):
     name: Literal["codetasks"] = "codetasks"
-    path: str = Field(description="JSONL file: prompt, tests, entry_point, optional setup and id per line")
+    path: str = Field(description="JSONL file (or builtin:NAME): prompt, tests, entry_point, optional setup and id per line")
 
 
 def _problem(row: dict[str, Any], where: str, lineno: int) -> Problem:
+    if "prompt" not in row and isinstance(row.get("messages"), list):  # a chat row (tunelab's builtin sets)
+        user = next((m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"), None)
+        row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": user}
     missing = [k for k in ("prompt", "tests", "entry_point") if k not in row]
     if missing:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)} (need prompt, tests, entry_point)")
@@ -68,7 +71,9 @@ class CodeTasks(Task):
     Config = CodeTasksConfig
 
     def load(self) -> list[Problem]:
-        path = self.cfg.path  # type: ignore[attr-defined]
+        from tunelab.data.sources import resolve
+
+        path = resolve(self.cfg.path)  # type: ignore[attr-defined]  # builtin:NAME too
         problems: list[Problem] = []
         seen: dict[str, int] = {}
         for lineno, row in read_jsonl(path, "codetasks.path"):
