@@ -130,3 +130,12 @@ def test_prompt_learning_generation_uses_the_prompt(ptype: str, make_model: Any,
     ids = torch.tensor([rows[0]])
     assert not torch.allclose(logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
                               logits(make_model(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), atol=1e-3)
+
+
+@pytest.mark.parametrize("ptype", [t for t in usable_types() if t not in REFUSE_ON_TINY])
+def test_identity_at_init_is_declared_exactly(ptype: str, make_model: Any, sft_batch: dict) -> None:
+    """The declaration is checked both ways, so the contract suite's identity test runs for every type that
+    claims it and no type that starts elsewhere claims it."""
+    method = make(ptype)
+    same = torch.allclose(logits(method.tune(make_model()), sft_batch), logits(make_model(), sft_batch), atol=1e-5, rtol=0)
+    assert same is method.identity_at_init, f"{ptype}: equals the base at init: {same}, declared: {method.identity_at_init}"

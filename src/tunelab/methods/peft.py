@@ -56,6 +56,13 @@ _REQUIRED = {
 }
 # the field to change when peft refuses a type's defaults for this model's sizes
 _SIZE_FIELD = {"c3a": "block_size", "road": "group_size", "shira": "r", "vblora": "vector_length", "waveft": "n_frequency"}
+# types whose tuned model equals the base right after wrapping, on peft's defaults (each checked by
+# tests/unit/test_peft_types.py both ways: these equal the base at init, every other offered type does not)
+IDENTITY_AT_INIT = {
+    "adalora", "adaption_prompt", "beft", "boft", "deft", "delora", "frod", "glora", "gralora", "hira", "hra", "ia3",
+    "lily", "ln_tuning", "loha", "lokr", "lora", "miss", "oft", "osf", "peanut", "psoft", "pvera", "randlora",
+    "shadow", "supertuning", "tinylora", "vera",
+}
 # types that act outside the decoder's modules (a side network riding the decoder loop)
 _OWN_FORWARD = {"shadow", "xlora"}
 # python packages some types import
@@ -109,7 +116,6 @@ class PeftPassThrough(PeftMethod):
     """Any peft method by type name, with that method's own config fields."""
 
     Config = PeftPassConfig
-    identity_at_init = False  # depends on the type (prompt tuning changes outputs at init)
 
     @property
     def ptype(self) -> str:
@@ -118,6 +124,10 @@ class PeftPassThrough(PeftMethod):
     @property
     def mergeable(self) -> bool:  # type: ignore[override]
         return self.ptype in MERGEABLE
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        return self.ptype in IDENTITY_AT_INIT
 
     @property
     def supports_packing(self) -> bool:  # type: ignore[override]
