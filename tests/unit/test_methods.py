@@ -146,9 +146,9 @@ def test_lora_save_final_round_trip_with_peft(make_model: Any, sft_batch: dict, 
     assert (tmp_path / "final" / "adapter_config.json").is_file()
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     loaded = PeftModel.from_pretrained(make_model(), str(tmp_path / "final"))
-    assert torch.allclose(logits(loaded, sft_batch), want, atol=1e-6, rtol=0)
+    assert torch.equal(logits(loaded, sft_batch), want)  # fp32 save -> load: the same bits
     again = method.restore(make_model(), tmp_path / "final")
-    assert torch.allclose(logits(again, sft_batch), want, atol=1e-6, rtol=0)
+    assert torch.equal(logits(again, sft_batch), want)
 
 
 def test_lora_merge_equals_unmerged(make_model: Any, sft_batch: dict) -> None:
@@ -279,3 +279,20 @@ def test_freeze_on_a_bert_classifier() -> None:
     loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1]))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_full_weights_with_a_missing_tensor_are_refused(make_model: Any, tmp_path: Path) -> None:
+    """A final/ that lacks tensors must not load silently with the base's values in their place."""
+    from safetensors.torch import load_file, save_file
+
+    method = method_for({"name": "full"})
+    method.save_final(method.tune(make_model()), tmp_path / "final")
+    (f,) = sorted((tmp_path / "final").glob("*.safetensors"))
+    state = load_file(f)
+    dropped = sorted(state)[3]
+    save_file({k: v for k, v in state.items() if k != dropped}, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lack 1 tensors"):
+        method.restore(make_model(), tmp_path / "final")
+    save_file({**state, "model.not_a_weight": torch.zeros(1)}, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not fit the base model"):
+        method.restore(make_model(), tmp_path / "final")
