@@ -459,12 +459,24 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
+        if isinstance(e, _usage_errors()):
+            e.show()  # type: ignore[attr-defined]
             sys.exit(2)
         raise
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """click's usage errors; typer >= 0.20 raises those of its own vendored click copy instead."""
+    import click
+
+    found: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as Vendored
+    except ImportError:
+        pass
+    else:
+        found.append(Vendored)
+    return tuple(found)
 
 
 if __name__ == "__main__":

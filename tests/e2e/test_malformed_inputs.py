@@ -56,3 +56,14 @@ def test_malformed_input_is_one_line_exit_2(argv, needle: str, tmp_path: Path) -
     assert "Traceback" not in p.stderr
     assert lines and lines[-1].startswith("error: ") and needle in lines[-1], lines[-1:]
     assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["train", TINY, "-q"], "No such option: -q"),
+    (["trian"], "No such command 'trian'"),
+])
+def test_usage_mistake_is_exit_2_without_traceback(argv: list[str], needle: str, tmp_path: Path) -> None:
+    # typer >= 0.20 raises its vendored click's exceptions, which once escaped as a raw traceback
+    p = subprocess.run([TUNELAB, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and needle in p.stderr, p.stderr[-2000:]
