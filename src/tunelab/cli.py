@@ -79,6 +79,8 @@ def train(
 
     cfg = _config(config, overrides, out)
     result = run_train(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
+    if not result.main:  # another rank of a multi-process run: the main process reports
+        raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
         typer.echo(f"stopped at step {result.summary['step']}; checkpoint saved. Continue with: --resume --out {result.run_dir}")
         raise typer.Exit(130)
@@ -446,12 +448,12 @@ def main() -> None:
     except UserError as e:
         if _DEBUG["on"]:
             raise
-        typer.echo(f"error: {e}", err=True)
+        _error(f"error: {e}")
         sys.exit(e.exit_code)
     except NotImplementedError as e:
         if _DEBUG["on"]:
             raise
-        typer.echo(f"error: not implemented: {e}", err=True)
+        _error(f"error: not implemented: {e}")
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
@@ -463,6 +465,14 @@ def main() -> None:
             e.show()  # type: ignore[attr-defined]
             sys.exit(2)
         raise
+
+
+def _error(line: str) -> None:
+    """One error line; in a multi-process run every rank meets the same error, and the main one says it."""
+    from tunelab.train.dist import launched_rank
+
+    if launched_rank() == 0:
+        typer.echo(line, err=True)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

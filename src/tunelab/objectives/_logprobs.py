@@ -6,6 +6,10 @@ skips that work. It calls the decoder and the head separately; for models whose 
 linear map (logit soft-capping, logit scaling) and for methods that add virtual tokens it falls back to the
 model's own forward.
 
+Under data parallelism (DDP, FSDP) the model an objective receives is the wrapper. The fast path must still
+run *inside* the wrapper's forward: DDP arms its gradient all-reduce there and FSDP gathers the shards there.
+`through_wrapper` does that by handing the wrapper a forward to call for this one pass.
+
 `sequence_logps` sums token log-probs per sequence (chosen, rejected, each ranked response...) in one
 forward pass over the whole batch, whatever its layout (padded rows or packed segments): a batch's
 `seq_index` names the sequence of every labelled position.
@@ -13,6 +17,7 @@ forward pass over the whole batch, whatever its layout (padded rows or packed se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +29,35 @@ IGNORE = -100
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
+def unwrap(model: Any) -> Any:
+    """The tuned model under a DDP/FSDP/DeepSpeed wrapper (itself when there is none)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    # keep_fp32_wrapper: accelerate's mixed-precision forward stays installed (False would remove it for good)
+    return extract_model_from_parallel(model, keep_fp32_wrapper=True)
+
+
+def through_wrapper(model: Any, fn: Callable[..., Any], **inputs: Any) -> Any:
+    """`fn(**inputs)` run as the forward of the tuned model inside `model`'s parallel wrapper, if any."""
+    inner = unwrap(model)
+    if inner is model:
+        return fn(**inputs)
+    saved = inner.__dict__.get("forward")  # accelerate's autocast wrapper, when mixed precision is on
+    inner.forward = fn
+    try:
+        return model(**inputs)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
 def _plain_lm(model: Any) -> Any | None:
-    """The transformers model under any PEFT wrapper, if the fast path is valid for it."""
+    """The transformers model under any parallel or PEFT wrapper, if the fast path is valid for it."""
     from peft import PeftModel
 
+    model = unwrap(model)
     if needs_model_forward(model):
         return None
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -51,8 +81,12 @@ def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         logits = model(**model_inputs(batch), use_cache=False).logits
         logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual positions
         return logits[sel], labels[sel]
-    hidden = lm.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
-    return lm.get_output_embeddings()(hidden[sel]), labels[sel]
+
+    def head_at_labels(**inputs: torch.Tensor) -> torch.Tensor:
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return lm.get_output_embeddings()(hidden[sel])
+
+    return through_wrapper(model, head_at_labels, **model_inputs(batch)), labels[sel]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

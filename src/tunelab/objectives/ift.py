@@ -24,7 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives._base import Batch, Objective
-from tunelab.objectives._logprobs import IGNORE, _plain_lm, label_logits, model_inputs, token_logprobs
+from tunelab.objectives._logprobs import (
+    IGNORE,
+    _plain_lm,
+    label_logits,
+    model_inputs,
+    through_wrapper,
+    token_logprobs,
+    unwrap,
+)
 from tunelab.objectives.sft import sft_loss
 
 if TYPE_CHECKING:
@@ -88,7 +96,7 @@ def ift_weights(token_losses: torch.Tensor, seq: torch.Tensor, gamma: float) -> 
 def _mixed_inputs(model: Any, batch: Batch, lam: float) -> torch.Tensor:
     """Input embeddings [R, T, H]: response inputs mixed with the embedding of the previous position's guess."""
     input_ids, sel = batch["input_ids"], batch["labels"] != IGNORE
-    embed = model.get_input_embeddings()
+    embed = unwrap(model).get_input_embeddings()
     gold = embed(input_ids)
     if lam == 0:
         return gold
@@ -112,8 +120,12 @@ def _logits_from_embeds(model: Any, batch: Batch, embeds: torch.Tensor) -> torch
     if lm is None:
         logits = model(inputs_embeds=embeds, **kwargs, use_cache=False).logits
         return logits[:, -labels.shape[1] :][sel]
-    hidden = lm.get_decoder()(inputs_embeds=embeds, **kwargs, use_cache=False).last_hidden_state
-    return lm.get_output_embeddings()(hidden[sel])
+
+    def head_at_labels(**inputs: torch.Tensor) -> torch.Tensor:
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return lm.get_output_embeddings()(hidden[sel])
+
+    return through_wrapper(model, head_at_labels, inputs_embeds=embeds, **kwargs)
 
 
 @OBJECTIVES.register("ift")

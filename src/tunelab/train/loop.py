@@ -1,8 +1,15 @@
 """THE training loop, on accelerate. Reads top to bottom:
 
-run dir -> accelerator -> model -> method -> data -> optimizer/schedule -> (resume) -> eval before ->
+accelerator -> run dir -> model -> method -> data -> optimizer/schedule -> (resume) -> eval before ->
 for each step: accumulate micro-batches (loss normalised by the step's label count) -> clip -> step ->
 log -> maybe validate/evaluate -> maybe checkpoint -> (signal: checkpoint and stop) -> final save -> report.
+
+Many processes (DDP under torchrun / accelerate launch, see train/dist.py): every rank runs this same code.
+An optimizer step takes `grad_accum * world` micro-batches from the one global order and each rank trains on
+its share, so N processes see exactly the batches of one process with `grad_accum * N`. The step's label
+count is summed over ranks and each rank's loss is scaled by N because DDP averages gradients: the update
+equals the single-process one. The main process alone prepares the run dir, logs, validates, evaluates,
+writes the final model and the report; a stop request on any rank stops all ranks at the same step.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from tunelab.models import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import stability
+from tunelab.train.dist import Dist, accelerator_kwargs, orphaned
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 from tunelab.train.reference import AdapterOffReference
@@ -42,6 +50,7 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     interrupted: bool = False
+    main: bool = True  # False on the other ranks of a multi-process run: they print nothing
 
 
 class _StopFlag:
@@ -98,10 +107,7 @@ def _accelerator(cfg: RunConfig, run_dir: Path) -> Any:
     if mp == "auto":
         mp = auto_precision()
     trackers = (["tensorboard"] if cfg.train.tensorboard else []) + list(cfg.train.trackers)
-    acc = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=str(run_dir))
-    if trackers:
-        acc.init_trackers("tb", config={"run": str(run_dir)})
-    return acc
+    return Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=str(run_dir), **accelerator_kwargs())
 
 
 @torch.no_grad()
@@ -144,38 +150,51 @@ def _eval_tasks(cfg: RunConfig, model: Any, tok: Any, run_dir: Path, label: str)
     return evaluate_tasks(model, tok, cfg.eval.tasks, run_dir, label)
 
 
-def _next_micro(data: Batches, state: ckpt.LoopState, order_cache: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+def _next_position(data: Batches, state: ckpt.LoopState) -> tuple[int, int]:
+    """The next micro-batch's (epoch, index) in the global order; advances the data position."""
     if state.micro >= len(data):
         state.epoch, state.micro = state.epoch + 1, 0
-    if state.epoch not in order_cache:
-        order_cache.clear()
-        order_cache[state.epoch] = data.order(state.epoch)
-    batch = data.batch(state.epoch, state.micro, order_cache[state.epoch])
     state.micro += 1
-    return batch
+    return state.epoch, state.micro - 1
+
+
+def _collate(data: Batches, position: tuple[int, int], order_cache: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    epoch, index = position
+    if epoch not in order_cache:
+        if len(order_cache) > 1:  # a step spans at most two epochs
+            order_cache.pop(min(order_cache))
+        order_cache[epoch] = data.order(epoch)
+    return data.batch(epoch, index, order_cache[epoch])
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    run_dir, resuming = prepare(cfg, resume, overwrite)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    acc = _accelerator(cfg, Path(cfg.out or "runs/run"))
+    _check_engine(acc)
+    dist = Dist.of(acc)
+    run_dir, resuming = dist.from_main(lambda: prepare(cfg, resume, overwrite))
     try:
-        return _train(cfg, run_dir, resuming, quiet)
+        return _train(cfg, acc, dist, run_dir, resuming, quiet or not dist.is_main)
     except Exception:
         # a failure while setting up (bad data, a method that does not fit, a crash) leaves no half-made run
         # behind that a rerun would refuse to overwrite; a run with a checkpoint is kept for --resume
-        if not resuming and not ckpt.list_checkpoints(run_dir / "checkpoints"):
+        if dist.is_main and not resuming and not ckpt.list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunResult:
+def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, quiet: bool) -> RunResult:
     tc = cfg.train
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    torch.manual_seed(tc.seed)
-    acc = _accelerator(cfg, run_dir)
+    torch.manual_seed(tc.seed)  # the same on every rank: every rank builds the same initial weights
+    trackers = (["tensorboard"] if tc.tensorboard else []) + list(tc.trackers)
+    if trackers:
+        acc.init_trackers("tb", config={"run": str(run_dir)})  # accelerate writes from the main process only
+    launcher = os.getppid() if dist.world > 1 else None
 
-    _check_sandbox(cfg)  # before any training: an evaluation that would be refused later is refused now
-    model, tok = load_model(cfg.model, acc.device)
+    dist.from_main(lambda: _check_sandbox(cfg))  # before any training: an evaluation refused later is refused now
+    with dist.main_first():  # the main process fills the caches (converted weights, tokenised data), then the rest read
+        model, tok = load_model(cfg.model, acc.device)
     method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
     if objective.needs_generation:
@@ -186,10 +205,12 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         # not an error: the paper's estimator is per batch too; the user should know what grad_accum changes
         print(f"note: objective '{cfg.objective.name}' uses a per-micro-batch statistic, so train.grad_accum="  # type: ignore[attr-defined]
               f"{tc.grad_accum} is not the same as one batch {tc.grad_accum}x larger (see its docstring)", file=sys.stderr)
-    data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
-    ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
-    objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
-    steps_per_epoch = math.ceil(len(data.train) / tc.grad_accum)
+    with dist.main_first():
+        data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
+        ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
+        objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
+    micro_per_step = tc.grad_accum * dist.world
+    steps_per_epoch = math.ceil(len(data.train) / micro_per_step)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     method.total_steps = total_steps
     if method.calibration_batches:
@@ -197,6 +218,8 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     reinit = stability.reinit_top_layers(model, tc.reinit_top_layers) if tc.reinit_top_layers else []
     model = method.tune(model)
     model.train()
+    if dist.rank:
+        torch.manual_seed(tc.seed + dist.rank)  # the same weights everywhere, but each rank its own dropout
     stability.check_reinit_trains(model, reinit, cfg.method.name)  # type: ignore[attr-defined]
     if objective.needs_reference and ref is None:
         ref = AdapterOffReference(method, model)
@@ -211,6 +234,9 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
         raise RuntimeError(f"method '{cfg.method.name}' trains {trainable:,} parameters but its formula says {expected:,}: a bug in the method")  # type: ignore[attr-defined]
     if not quiet:
         print(f"method {cfg.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)", file=sys.stderr)  # type: ignore[attr-defined]
+        if dist.world > 1:
+            print(f"data parallel: {dist.world} processes ({acc.distributed_type.value}), {tc.grad_accum} micro-batch(es) "
+                  f"of {tc.batch_size} row(s) each per step", file=sys.stderr)
     model, optimizer = acc.prepare(model, optimizer)
 
     state = ckpt.LoopState()
@@ -218,14 +244,19 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     latest = ckpt.list_checkpoints(ckpt_root)[-1:] if resuming else []
     if latest:
         unwrapped = acc.unwrap_model(model)
-        state = ckpt.load_checkpoint(latest[0], unwrapped, optimizer, scheduler, lambda st: method.load_extra_state(unwrapped, st))
-    log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None)
+        state = ckpt.load_checkpoint(latest[0], unwrapped, optimizer, scheduler, lambda st: method.load_extra_state(unwrapped, st), dist)
+    log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None, enabled=dist.is_main)
+    plain = acc.unwrap_model(model)  # validation and evaluation: main process only, outside the DDP wrapper
     if state.step == 0:
-        before = validation_batches(model, objective, data.valid, acc, ref)
+        def before_training() -> tuple[Any, Any]:
+            before = validation_batches(plain, objective, data.valid, acc, ref)
+            samples = validation_batches(plain, objective, data.valid, acc, ref, per_sample=True)
+            if cfg.eval.before:
+                _eval_tasks(cfg, plain, tok, run_dir, "before")
+            return before, samples
+
+        before, state.extra["val_samples_before"] = dist.from_main(before_training)
         state.val_loss_before = None if before is None else sum(t for t, _ in before) / max(sum(c for _, c in before), 1)
-        state.extra["val_samples_before"] = validation_batches(model, objective, data.valid, acc, ref, per_sample=True)
-        if cfg.eval.before:
-            _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, "before")
         if state.val_loss_before is not None:
             log.write({"step": 0, "val_loss": state.val_loss_before})
 
@@ -235,8 +266,10 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
     with _StopFlag() as stop, progress:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [_next_micro(data.train, state, order_cache) for _ in range(tc.grad_accum)]
-            num_items = sum(objective.num_items(b) for b in micro)
+            positions = [_next_position(data.train, state) for _ in range(micro_per_step)]
+            micro = [_collate(data.train, pos, order_cache) for pos in dist.shard(positions)]
+            # the objective normalises by the whole step's loss items, over all ranks
+            num_items = int(dist.sum([sum(objective.num_items(b) for b in micro)])[0])
             objective.on_step(state.step, total_steps)
             method.on_step(state.step, total_steps, acc.unwrap_model(model), optimizer)
             loss_sum, real_tokens, step_metrics = 0.0, 0, []
@@ -246,9 +279,14 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
                 ctx = acc.no_sync(model) if i < len(micro) - 1 else nullcontext()
                 with ctx, acc.autocast():
                     loss, metrics = objective.loss(model, batch, num_items, ref)
-                    acc.backward(loss)
+                    acc.backward(loss * dist.world if dist.world > 1 else loss)  # DDP averages gradients over ranks
                 loss_sum += loss.item()
                 step_metrics.append(metrics)
+            ranks = dist.gather((loss_sum, real_tokens, stop.requested or orphaned(launcher), step_metrics))
+            loss_sum = sum(r[0] for r in ranks)  # each rank's loss is its share of the step's normalised sum
+            real_tokens = sum(r[1] for r in ranks)
+            stopping = any(r[2] for r in ranks)
+            step_metrics = [m for r in ranks for m in r[3]]
             grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -265,25 +303,38 @@ def _train(cfg: RunConfig, run_dir: Path, resuming: bool, quiet: bool) -> RunRes
                 "tokens_per_s": real_tokens / dt, "tokens": state.tokens, "elapsed_s": round(state.wall_s, 3),
                 "rss_mb": round(peak_rss_mb(), 1), **_mean_metrics(step_metrics),
             }
+            if dist.world > 1:
+                rec["world_size"] = dist.world
             if state.step % tc.log_every == 0 or state.step == total_steps:
                 log.write(rec)
                 acc.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=state.step)
             progress.update(state.step, loss_sum, rec["tokens_per_s"])
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps:
-                log.write({"step": state.step, "val_loss": validation_loss(model, objective, data.valid, acc, ref)})
+                dist.from_main(lambda: log.write({"step": state.step, "val_loss": validation_loss(plain, objective, data.valid, acc, ref)}))
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:
-                _eval_tasks(cfg, acc.unwrap_model(model), tok, run_dir, f"step-{state.step}")
-            if (tc.save_every and state.step % tc.save_every == 0) or stop.requested:
-                ckpt.save_checkpoint(ckpt_root, method.checkpoint_state(acc.unwrap_model(model)), optimizer, scheduler, state, tc.keep_last,
-                                     method.extra_state(acc.unwrap_model(model)))
-            if stop.requested and state.step < total_steps:
+                dist.from_main(lambda: _eval_tasks(cfg, plain, tok, run_dir, f"step-{state.step}"))
+            if (tc.save_every and state.step % tc.save_every == 0) or stopping:
+                ckpt.save_checkpoint(ckpt_root, method.checkpoint_state(plain), optimizer, scheduler, state, tc.keep_last,
+                                     method.extra_state(plain), dist)
+            if stopping and state.step < total_steps:
                 interrupted = True
                 break
 
     if interrupted:
         acc.end_training()
-        return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True)
-    return _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
+        return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True, main=dist.is_main)
+    return _finish(cfg, acc, dist, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
+
+
+def _check_engine(acc: Any) -> None:
+    """Data parallel (DDP) is what the loop implements: replicated weights, so the main process can checkpoint,
+    validate, evaluate and save alone. Sharded engines need every one of those to become a collective."""
+    kind = acc.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise NotImplementedError(
+            f"accelerate launched with {kind}: tunelab trains data-parallel (DDP) only so far; sharded weights need "
+            "gathered checkpoints, validation on every rank and a gathered model for evaluation and saving, which "
+            "the loop does not do yet. Use configs/accelerate/ddp.yaml (or torchrun) and a method that fits one device")
 
 
 def _check_sandbox(cfg: RunConfig) -> None:
@@ -362,8 +413,15 @@ class _RefProgress:
         self.p.__exit__(*exc)
 
 
-def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
-    model = method.finalize(acc.unwrap_model(model))
+def _finish(cfg, acc, dist, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
+    model = method.finalize(acc.unwrap_model(model))  # every rank: finalize may change the weights
+    summary = dist.from_main(lambda: _deliver(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref))
+    acc.end_training()
+    return RunResult(run_dir, summary, main=dist.is_main)
+
+
+def _deliver(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref) -> dict[str, Any]:  # noqa: ANN001
+    """Main process: final validation, the final model, evaluation after, summary, verdicts, report."""
     after = validation_batches(model, objective, data.valid, acc, ref)
     val_after = None if after is None else sum(t for t, _ in after) / max(sum(c for _, c in after), 1)
     if val_after is not None:
@@ -395,8 +453,7 @@ def _finish(cfg, acc, model, tok, method, objective, data, state, run_dir, log, 
 
     summary["verdicts"] = run_verdicts(run_dir)  # from the files just written: the same numbers as any later reader
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    acc.end_training()
     from tunelab.report import write_report
 
     write_report(run_dir)
-    return RunResult(run_dir, summary)
+    return summary

@@ -55,10 +55,14 @@ def prepare(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
 
 
 class MetricsLog:
-    """metrics.jsonl writer; on resume drops lines logged after the checkpoint (they will be redone)."""
+    """metrics.jsonl writer; on resume drops lines logged after the checkpoint (they will be redone).
+    Written by the main process only (`enabled=False` elsewhere): one row per step, with cross-rank totals."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and path.is_file():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
@@ -66,5 +70,7 @@ class MetricsLog:
             path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
