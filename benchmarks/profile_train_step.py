@@ -33,30 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DEFAULT_MBPP, IGNORE, RESULTS, mbpp_chats  # noqa: E402
 
 
-def packed_sdpa(module: Any, q: Any, k: Any, v: Any, attention_mask: Any, dropout: float = 0.0,
-                scaling: float | None = None, position_ids: Any = None, **kw: Any) -> tuple[Any, None]:
-    """Prototype (for `--attention packed_sdpa`): attention per packed sample, causal, no mask tensor.
-
-    The packed rows' position_ids restart at 0 for every sample, so the segments are where they are 0. Each segment
-    runs SDPA with is_causal=True (the CPU flash kernel then skips the blocks above the diagonal) and GQA without
-    repeat_kv copies, instead of one dense (rows, 1, T, T) block-diagonal mask over the whole row.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    B, H, T, _ = q.shape
-    gqa = k.shape[1] != H
-    rows = []
-    for b in range(B):
-        starts = (position_ids[b] == 0).nonzero().flatten().tolist() + [T]
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e],
-                                           is_causal=True, scale=scaling, enable_gqa=gqa)
-            for s, e in zip(starts, starts[1:], strict=False)
-        ], dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
-
-
 def build(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -67,12 +43,8 @@ def build(a: argparse.Namespace) -> dict[str, Any]:
     from tunelab.objectives import OBJECTIVES
     from tunelab.train.optim import build_optimizer, param_groups
 
-    if a.attention == "packed_sdpa":
-        if a.no_packing:
-            raise SystemExit("--attention packed_sdpa is for packed rows (it builds no padding mask)")
-        from transformers import AttentionInterface
-
-        AttentionInterface.register("packed_sdpa", packed_sdpa)
+    if a.attention == "tunelab_packed" and a.no_packing:
+        raise SystemExit("--attention tunelab_packed is per-sample attention for packed rows")
     tmp = Path(tempfile.mkdtemp(prefix="tl-prof-"))
     atexit.register(shutil.rmtree, tmp, True)
     data_file = tmp / "mbpp_train.jsonl"
@@ -248,13 +220,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (packed rows unless --no-packing)")
     p.add_argument("--no-packing", action="store_true")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="profiled optimizer steps (one micro-batch each)")
-    p.add_argument("--attention", choices=("sdpa", "eager", "packed_sdpa"), default=None,
-                   help="attention implementation; packed_sdpa is this script's prototype of per-sample attention")
+    p.add_argument("--attention", choices=("sdpa", "eager", "tunelab_packed"), default=None,
+                   help="attention implementation (tunelab_packed: tunelab's per-sample attention for packed rows, "
+                   "what training uses on CPU by default)")
     p.add_argument("--set", action="append", help="extra tunelab config override, e.g. model.attn_implementation=eager")
     p.add_argument("--tag", default="profile_train_step", help="results file stem under benchmarks/results/")
     a = p.parse_args()

@@ -28,7 +28,9 @@ class ModelConfig(Strict):
         "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    attn_implementation: str | None = Field(
+        None, description="e.g. sdpa, eager, flash_attention_2, tunelab_packed; unset = per-sample attention for "
+        "packed rows on CPU (tunelab_packed, checked against the model's own), the model's default otherwise")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the model dir")
 
 

@@ -92,6 +92,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[to
     kw: dict[str, Any] = {"dtype": dtype}
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
+        if cfg.attn_implementation == "tunelab_packed":
+            from tunelab.models.attention import register
+
+            register()
     if cfg.name in PRESETS:
         model = PRESETS[cfg.name].model(**kw)
     else:

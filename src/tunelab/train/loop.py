@@ -35,6 +35,7 @@ from tunelab.errors import UserError
 from tunelab.methods import METHODS
 from tunelab.methods._base import count_params
 from tunelab.models import load_model
+from tunelab.models.attention import default_attention, enable_packed_attention
 from tunelab.objectives import OBJECTIVES
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import stability
@@ -195,6 +196,8 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     dist.from_main(lambda: _check_sandbox(cfg))  # before any training: an evaluation refused later is refused now
     with dist.main_first():  # the main process fills the caches (converted weights, tokenised data), then the rest read
         model, tok = load_model(cfg.model, acc.device)
+    if cfg.data.packing and cfg.model.attn_implementation is None and acc.device.type == "cpu":
+        enable_packed_attention(model, quiet)  # per-sample attention instead of a dense block mask (models/attention.py)
     method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
     if objective.needs_generation:
@@ -415,6 +418,7 @@ class _RefProgress:
 
 def _finish(cfg, acc, dist, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
     model = method.finalize(acc.unwrap_model(model))  # every rank: finalize may change the weights
+    default_attention(model)  # the saved config names an implementation any transformers can load
     summary = dist.from_main(lambda: _deliver(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref))
     acc.end_training()
     return RunResult(run_dir, summary, main=dist.is_main)
