@@ -1,8 +1,14 @@
 """Training throughput: tunelab vs TRL's SFTTrainer on the embedded SmolLM2-135M-Instruct.
 
-Same data (MBPP train split, task_ids 601-974, as chats), same LoRA (r=16, alpha=32, dropout=0.05, all-linear),
-same batch x grad_accum, optimizer steps, lr schedule, seed, fp32, completion-only loss, max_length 1024, no
-gradient checkpointing, no eval, no saving during training. Each run is a fresh subprocess, so peak RSS is per run.
+Same data (MBPP train split, task_ids 601-974, as chats), same LoRA (r=16, alpha=32, all-linear, dropout
+`--lora-dropout`, default 0 as in peft and tunelab), same batch x grad_accum, optimizer steps, lr schedule, seed,
+precision (`--precision fp32`, or `bf16` autocast over fp32 weights in both), completion-only loss, max_length 1024,
+no gradient checkpointing, no eval, no saving during training. Each run is a fresh subprocess, so peak RSS is per run.
+
+Model FLOP utilisation: before the runs, the parent measures this machine's dense matmul peak (fp32 and bf16, the
+same thread count) and each run's MFU is its model FLOP/s over the peak of its precision. Model FLOPs per trained
+token = 4 x the parameters of the model's matmuls (forward 2N, input gradients 2N; frozen weights need no weight
+gradients; LoRA's own FLOPs and attention scores are left out), the same count for every run whatever it computes.
 
 Runs (default): `tunelab` (packing, its default), `trl_padding` (SFTTrainer, packing=False: padded batches),
 `trl_packing` (SFTTrainer, packing=True: its default "bfd" strategy, which turns padding_free on).
@@ -42,7 +48,7 @@ DEFAULT_RUNS = ("tunelab", "trl_padding", "trl_packing")
 ALL_RUNS = (*DEFAULT_RUNS, "tunelab_padding", "trl_packing_bs1")
 TRAIN_IDS = range(601, 975)  # MBPP's standard train split
 IGNORE = -100
-TARGETS = {"throughput_vs_trl_padding": 2.0, "throughput_vs_trl_packing": 1.2, "rss_vs_trl_padding": 0.8}
+TARGETS = {"throughput_vs_trl_padding": 2.0, "throughput_vs_trl_packing": 1.3, "rss_vs_trl_padding": 0.8}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -124,10 +130,11 @@ def child_tunelab(a: argparse.Namespace, packing: bool, batch_size: int) -> dict
         f"model.name={a.model_dir}", "model.dtype=float32", "model.gradient_checkpointing=false",
         f"data.train={data_file}", "data.valid_size=0", f"data.max_length={a.max_length}",
         f"data.packing={str(packing).lower()}", "data.format=messages", "data.loss_on=assistant",
-        "method.name=lora", "method.r=16", "method.alpha=32", "method.dropout=0.05", "method.target_modules=all-linear",
+        "method.name=lora", "method.r=16", "method.alpha=32", f"method.dropout={a.lora_dropout}", "method.target_modules=all-linear",
         f"train.lr={a.lr}", f"train.max_steps={a.steps}", f"train.batch_size={batch_size}",
         f"train.grad_accum={a.grad_accum}", f"train.scheduler={a.scheduler}", "train.warmup_ratio=0",
-        "train.weight_decay=0", "train.max_grad_norm=1.0", "train.mixed_precision='no'", f"train.seed={a.seed}",
+        "train.weight_decay=0", "train.max_grad_norm=1.0", f"train.mixed_precision={'bf16' if a.precision == 'bf16' else 'no'}",
+        f"train.seed={a.seed}",
         "train.save_every=0", "train.log_every=1", "train.tensorboard=false", f"train.num_threads={a.threads}",
         "eval.before=false", "eval.after=false", f"out={tmp / 'run'}",
     ]
@@ -184,13 +191,13 @@ def child_trl(a: argparse.Namespace, packing: bool, rows_per_micro: int, grad_ac
         output_dir=str(tmp), max_steps=a.steps, per_device_train_batch_size=rows_per_micro,
         gradient_accumulation_steps=grad_accum, learning_rate=a.lr, lr_scheduler_type=a.scheduler, warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        seed=a.seed, data_seed=a.seed, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        seed=a.seed, data_seed=a.seed, bf16=a.precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=True,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1, dataloader_num_workers=0,
         dataloader_pin_memory=False, disable_tqdm=True, max_length=a.max_length, packing=packing,
         completion_only_loss=True, assistant_only_loss=False,
     )
     peft_config = LoraConfig(
-        task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+        task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=a.lora_dropout, target_modules="all-linear",
     )
     clock = StepClock()
 
@@ -337,16 +344,19 @@ def markdown(res: dict[str, Any]) -> str:
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores ({', '.join(res['machine']['isa'])}), "
         f"{res['machine']['mem_mb']} MB RAM. Versions: "
         + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v) + ".", "",
-        f"Model {s['model']}, LoRA r=16 alpha=32 dropout=0.05 all-linear, fp32, no gradient checkpointing, "
+        f"Model {s['model']}, LoRA r=16 alpha=32 dropout={s['lora']['dropout']} all-linear, {s.get('precision', 'fp32')}, no gradient checkpointing, "
         f"{s['threads']} torch threads. Data: MBPP train (task_id 601-974, {s['samples']} chats), completion-only "
         f"loss, max_length {s['max_length']}. {s['steps']} optimizer steps of batch {s['batch_size']} x grad_accum "
         f"{s['grad_accum']} (packing runs: {s['packed_batch_size']} packed rows per micro-batch), lr {s['lr']} {s['scheduler']} (no warmup), seed {s['seed']}. Throughput = real "
         f"(non-padding) tokens / wall time over steps {s['warmup_steps'] + 1}..{s['steps']} "
         f"(first {s['warmup_steps']} excluded).", "",
         "| run | real tok/s | fed tok/s | real tok per CPU-s | padding | samples/step | real tok/step | s/step | "
-        "peak RSS MB | final loss | mean loss last 5 | process wall s | other processes' CPU, timed steps (whole run), cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS MB | final loss | mean loss last 5 | process wall s | other processes' CPU, timed steps (whole run), cores | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
     for name, r in res["runs"].items():
         def f(x: Any, d: int = 1) -> str:
             return "-" if x is None else f"{x:,.{d}f}"
@@ -355,8 +365,14 @@ def markdown(res: dict[str, Any]) -> str:
             f"{f(100 * r['padding_fraction'])}% | "
             f"{f(r['samples_per_step'], 2)} | {f(r['real_tokens_per_step'], 0)} | {f(r['seconds_per_step'], 2)} | "
             f"{f(r['peak_rss_mb'], 0)} | {f(r['final_loss'], 4)} | {f(r['mean_loss_last5'], 4)} | "
-            f"{f(r['process_wall_s'], 0)} | {f(r.get('other_processes_cores_timed'), 2)} ({f(r.get('other_processes_cores'), 2)}) |"
+            f"{f(r['process_wall_s'], 0)} | {f(r.get('other_processes_cores_timed'), 2)} ({f(r.get('other_processes_cores'), 2)}) | "
+            f"{pct(r.get('mfu'))} |"
         )
+    peak = res.get("matmul_peak_gflops")
+    if peak:
+        lines += ["", f"MFU = model FLOP/s / this machine's measured dense matmul peak ({', '.join(f'{k} {v:,.0f} GFLOP/s' for k, v in peak.items())}"
+                  f", {s['threads']} threads, measured in the same run). Model FLOPs = 4 x {res['model_matmul_params']:,} matmul "
+                  "parameters per trained token (forward + input gradients; the base is frozen)."]
     lines += ["", "| ratio (tunelab / TRL) | value | target | met |", "|---|---:|---:|---|"]
     for key, target, better in (
         ("throughput_ratio_vs_trl_padding", TARGETS["throughput_vs_trl_padding"], "ge"),
@@ -413,8 +429,36 @@ def settings(a: argparse.Namespace, mbpp: Path, samples: int) -> dict[str, Any]:
         "steps": a.steps, "warmup_steps": a.warmup_steps, "batch_size": a.batch_size, "grad_accum": a.grad_accum,
         "packed_batch_size": a.packed_batch_size or a.batch_size, "lr": a.lr, "scheduler": a.scheduler,
         "seed": a.seed, "threads": a.threads, "max_length": a.max_length,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": a.lora_dropout, "target_modules": "all-linear"}, "precision": a.precision,
     }
+
+
+def matmul_peak_gflops(threads: int, seconds: float = 3.0, n: int = 2048) -> dict[str, float]:
+    """This machine's dense matmul throughput (n x n @ n x n) in fp32 and, where the CPU has it, bf16."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if torch.backends.mkldnn.is_available() else [])
+    for name, dtype in dtypes:
+        x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            x @ y
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            x @ y
+            done += 1
+        out[name] = round(2 * n**3 * done / (time.perf_counter() - t0) / 1e9, 1)
+    return out
+
+
+def matmul_params(model_dir: str) -> int:
+    """Parameters of the model's matmuls (every projection, the MLP and the LM head; no embedding lookup)."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads", heads) * (c.get("head_dim") or h // heads)
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + vocab * h
 
 
 def derived(runs: dict[str, Any]) -> dict[str, Any]:
@@ -473,12 +517,15 @@ def parent(a: argparse.Namespace) -> None:
         history = prev.get("command_history", [{"command": prev.get("command"), "runs": list(prev["runs"])}])
         history = [{"command": h["command"], "runs": [r for r in h["runs"] if r not in a.runs]} for h in history]
     mdir = a.model_dir or model_dir()
+    peak = matmul_peak_gflops(a.threads)  # measured here, on the same quiet machine, before the runs
+    print(f"matmul peak: {peak} GFLOP/s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     argv = [rel(Path(sys.argv[0]).resolve()) if sys.argv[0].endswith(".py") else sys.argv[0], *sys.argv[1:]]
     command = "python " + " ".join(shlex.quote(x) for x in argv)
     common = ["--mbpp", str(mbpp), "--model-dir", mdir, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
               "--grad-accum", str(a.grad_accum), "--lr", str(a.lr), "--scheduler", a.scheduler, "--seed", str(a.seed),
               "--threads", str(a.threads), "--max-length", str(a.max_length),
+              "--lora-dropout", str(a.lora_dropout), "--precision", a.precision,
               "--packed-batch-size", str(a.packed_batch_size or a.batch_size)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -518,12 +565,18 @@ def parent(a: argparse.Namespace) -> None:
                   f"other processes {r['other_processes_cores']} cores", flush=True)
 
     runs = {k: runs[k] for k in ALL_RUNS if k in runs}
+    n_matmul = matmul_params(mdir)
+    for r in runs.values():
+        r["model_gflops_per_s"] = round(4 * n_matmul * r["tokens_per_s"] / 1e9, 2) if r["tokens_per_s"] else None
+        peak_p = peak.get(a.precision)
+        r["mfu"] = round(r["model_gflops_per_s"] / peak_p, 4) if peak_p and r["model_gflops_per_s"] else None
     history.append({"command": command, "runs": list(a.runs)})
     res = derived(runs)
     res.update({
         "command": command if len(history) == 1 else " && ".join(h["command"] for h in history if h["runs"]),
         "command_history": [h for h in history if h["runs"]],
         "machine": machine(), "versions": versions(), "settings": sets,
+        "matmul_peak_gflops": peak, "model_matmul_params": n_matmul,
         "notes": (a.note or []) + [n for n in (json.loads(out_json.read_text()).get("notes", []) if a.merge and out_json.is_file() else []) if n not in (a.note or [])],
         "runs": runs,
     })
@@ -547,6 +600,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every run")
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout in every run (tunelab's and peft's default 0)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast over fp32 weights in every run (CPUs with AVX512-BF16/AMX)")
     p.add_argument("--runs", nargs="+", choices=ALL_RUNS, default=list(DEFAULT_RUNS))
     p.add_argument("--merge", action="store_true",
                    help="re-measure only --runs and keep the other runs of <tag>.json (same settings required), "
