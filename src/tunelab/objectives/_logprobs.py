@@ -10,6 +10,12 @@ Under data parallelism (DDP, FSDP) the model an objective receives is the wrappe
 run *inside* the wrapper's forward: DDP arms its gradient all-reduce there and FSDP gathers the shards there.
 `through_wrapper` does that by handing the wrapper a forward to call for this one pass.
 
+`label_token_logprobs` goes one step further for objectives that only need log p(label): the LM head and the
+log-softmax run over chunks of labelled positions, each under activation checkpointing, so a long row's
+[N, vocab] logits never exist at once (at most LOGITS_CHUNK_BYTES of fp32 logits live, in forward and in
+backward, at the price of recomputing one chunk's head matmul in backward). Up to one chunk of labels (1,365
+positions for a 49k vocabulary) it is a single plain pass: short rows pay nothing.
+
 `sequence_logps` sums token log-probs per sequence (chosen, rejected, each ranked response...) in one
 forward pass over the whole batch, whatever its layout (padded rows or packed segments): a batch's
 `seq_index` names the sequence of every labelled position.
@@ -89,6 +95,44 @@ def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return through_wrapper(model, head_at_labels, **model_inputs(batch)), labels[sel]
 
 
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return token_logprobs(head(hidden), labels)
+
+
+def chunked_head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                          chunk_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
+    """log p(label) [N] = log_softmax(head(hidden))[label], with at most `chunk_bytes` of fp32 logits alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    vocab = head.weight.shape[0]
+    chunk = max(1, chunk_bytes // (4 * vocab))
+    if hidden.shape[0] <= chunk:
+        return _chunk_logprobs(head, hidden, labels)
+    return torch.cat([
+        checkpoint(_chunk_logprobs, head, hidden[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
+        for i in range(0, hidden.shape[0], chunk)
+    ])
+
+
+def label_token_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label)[N] at labelled positions, labels[N]), without materialising all [N, V] logits at once."""
+    labels = batch["labels"]
+    sel = labels != IGNORE
+    lm = _plain_lm(model)
+    if lm is None:
+        logits, picked = label_logits(model, batch)
+        return token_logprobs(logits, picked), picked
+
+    def logprobs_at_labels(**inputs: torch.Tensor) -> torch.Tensor:
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return chunked_head_logprobs(lm.get_output_embeddings(), hidden[sel], labels[sel])
+
+    return through_wrapper(model, logprobs_at_labels, **model_inputs(batch)), labels[sel]
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) per position, computed in fp32 for stability."""
     return -torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
@@ -119,6 +163,6 @@ def reduce_by_sequence(token_lp: torch.Tensor, seq: torch.Tensor, num_seqs: int)
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> SeqLogps:
     """Summed completion log-probs of every sequence in the batch, in one forward pass."""
-    logits, labels = label_logits(model, batch)
+    lp, _ = label_token_logprobs(model, batch)
     sel = batch["labels"] != IGNORE
-    return reduce_by_sequence(token_logprobs(logits, labels), batch["seq_index"][sel], int(batch["num_seqs"]))
+    return reduce_by_sequence(lp, batch["seq_index"][sel], int(batch["num_seqs"]))

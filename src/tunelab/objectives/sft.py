@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives._base import Objective
-from tunelab.objectives._logprobs import label_logits
+from tunelab.objectives._logprobs import label_logits, label_token_logprobs
 
 
 class SFTConfig(BaseModel):
@@ -38,6 +38,10 @@ class SFT(Objective):
     loss_items = "tokens"
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: int, ref: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.cfg.label_smoothing:  # type: ignore[attr-defined]
+            # log p(label) only: the head runs in chunks, so a long row's logits never exist at once
+            lp, labels = label_token_logprobs(model, batch)
+            return -lp.sum() / max(num_items, 1), {"tokens": float(labels.numel())}
         logits, labels = label_logits(model, batch)
         loss = sft_loss(logits, labels, num_items, self.cfg.label_smoothing)  # type: ignore[attr-defined]
         # no extra metrics here: a second softmax/argmax over the vocabulary costs as much as the loss itself
