@@ -83,6 +83,9 @@ class TrainConfig(Strict):
         None, gt=0, le=1, description="layer-wise lr decay xi: block l of L trains at lr * xi^(L-1-l), embeddings at lr * xi^L"
     )
     reinit_top_layers: int = Field(0, ge=0, description="re-initialise the top k blocks before tuning (they must train)")
+    fsdp: bool = Field(
+        False, description="several processes: shard weights, gradients and optimizer state across them (FSDP2, "
+        "each decoder block and the root) instead of replicating the model (DDP)")
     reference: Literal["auto", "adapter", "precomputed"] = Field(
         "auto",
         description="reference log-probs for DPO-like objectives: the model with its adapter off (no second copy), "

@@ -66,7 +66,7 @@ def test_positions_cross_epochs_like_one_process() -> None:
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
 def test_sharded_engines_are_refused(kind: str) -> None:
     acc = SimpleNamespace(distributed_type=SimpleNamespace(value=kind))
-    with pytest.raises(NotImplementedError, match=f"{kind}.*DDP"):
+    with pytest.raises(NotImplementedError, match=f"{kind}.*train.fsdp=true"):
         _check_engine(acc)
     _check_engine(SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_GPU")))
 

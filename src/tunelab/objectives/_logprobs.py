@@ -7,8 +7,9 @@ linear map (logit soft-capping, logit scaling) and for methods that add virtual 
 model's own forward.
 
 Under data parallelism (DDP, FSDP) the model an objective receives is the wrapper. The fast path must still
-run *inside* the wrapper's forward: DDP arms its gradient all-reduce there and FSDP gathers the shards there.
-`through_wrapper` does that by handing the wrapper a forward to call for this one pass.
+run *inside* the wrapper's forward: DDP arms its gradient all-reduce there and FSDP gathers the shards there
+(FSDP2 has no wrapper object: the sharded root's own call does it). `through_wrapper` does that by handing the
+wrapper (or the sharded root) a forward to call for this one pass.
 
 `label_token_logprobs` goes one step further for objectives that only need log p(label): the LM head and the
 log-softmax run over chunks of labelled positions, each under activation checkpointing, so a long row's
@@ -43,10 +44,17 @@ def unwrap(model: Any) -> Any:
     return extract_model_from_parallel(model, keep_fp32_wrapper=True)
 
 
+def _sharded(model: Any) -> bool:
+    """FSDP2 shards a module in place (no wrapper object): its forward hook gathers the root's parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def through_wrapper(model: Any, fn: Callable[..., Any], **inputs: Any) -> Any:
     """`fn(**inputs)` run as the forward of the tuned model inside `model`'s parallel wrapper, if any."""
     inner = unwrap(model)
-    if inner is model:
+    if inner is model and not _sharded(model):
         return fn(**inputs)
     saved = inner.__dict__.get("forward")  # accelerate's autocast wrapper, when mixed precision is on
     inner.forward = fn

@@ -73,10 +73,11 @@ def _write_synced(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_checkpoint(
     ckpt_root: Path, tensors: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, state: LoopState, keep_last: int,
-    method_state: dict[str, Any] | None = None, dist: Dist = SINGLE,
+    method_state: dict[str, Any] | None = None, dist: Dist = SINGLE, optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """`tensors`: what the method needs to resume (`Method.checkpoint_state`, by default the trainable parameters);
-    `method_state`: the method's non-parameter state (`Method.extra_state`). Every rank calls this."""
+    `method_state`: the method's non-parameter state (`Method.extra_state`). Every rank calls this.
+    `optimizer_state`: written instead of `optimizer.state_dict()` (a sharded run passes the gathered full state)."""
     final = ckpt_root / f"step-{state.step}"
     tmp = ckpt_root / f".tmp-step-{state.step}"
     if dist.is_main:
@@ -92,7 +93,8 @@ def save_checkpoint(
         _write_synced(tmp / "trainable.safetensors",
                       lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
         _write_synced(tmp / "state.pt", lambda p: torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "method": method_state or {}}, p))
+            {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+             "scheduler": scheduler.state_dict(), "method": method_state or {}}, p))
         _write_synced(tmp / "loop.json", lambda p: p.write_text(json.dumps(asdict(state))))
         if final.exists():
             shutil.rmtree(final)
@@ -114,18 +116,24 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, method_state: Callable[[dict[str, Any]], None] | None = None,
-    dist: Dist = SINGLE,
+    dist: Dist = SINGLE, load_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopState:
+    """`load_tensors` / `load_optimizer`: how full tensors and optimizer state reach the model and optimizer
+    (default: copy into the parameters, `optimizer.load_state_dict`; a sharded run scatters them)."""
     tensors = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
         raise RuntimeError(f"{path}: checkpoint parameters not in the model: {missing[:3]}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v)
+    if load_tensors is not None:
+        load_tensors(tensors)
+    else:
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
     blob = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     state = LoopState(**json.loads((path / "loop.json").read_text()))
     rng = path / f"rng-{dist.rank}.pt"

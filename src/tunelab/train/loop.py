@@ -40,6 +40,7 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import stability
 from tunelab.train.dist import Dist, accelerator_kwargs, orphaned
+from tunelab.train.engine import make_engine
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 from tunelab.train.reference import AdapterOffReference
@@ -202,6 +203,9 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
     if objective.needs_generation:
         raise NotImplementedError(f"objective '{cfg.objective.name}' samples during training, which the loop does not support yet")  # type: ignore[attr-defined]
+    engine = make_engine(tc.fsdp, acc, dist, lambda: METHODS.get(cfg.method.name)(cfg.method).tune(load_model(cfg.model, acc.device)[0]))  # type: ignore[attr-defined]
+    if engine.sharded and method.calibration_batches:
+        raise NotImplementedError(f"method '{cfg.method.name}' calibrates on data before tuning; train.fsdp does not rebuild that state for its gathered copy yet")  # type: ignore[attr-defined]
     if cfg.data.packing and not method.supports_packing:
         raise UserError(f"method '{cfg.method.name}' cannot train on packed rows; set data.packing=false")  # type: ignore[attr-defined]
     if tc.grad_accum > 1 and not objective.accumulation_invariant and not quiet:
@@ -226,11 +230,6 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     stability.check_reinit_trains(model, reinit, cfg.method.name)  # type: ignore[attr-defined]
     if objective.needs_reference and ref is None:
         ref = AdapterOffReference(method, model)
-    groups = method.param_groups(model, tc.lr, tc.weight_decay)
-    if tc.layer_lr_decay is not None:
-        groups = stability.layer_decay_groups(groups, model, tc.layer_lr_decay)
-    optimizer = build_optimizer(groups, tc)
-    scheduler = build_scheduler(optimizer, tc, total_steps)
     trainable, total = count_params(model)
     expected = method.expected_trainable(model)
     if expected is not None and expected != trainable:
@@ -238,27 +237,30 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     if not quiet:
         print(f"method {cfg.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)", file=sys.stderr)  # type: ignore[attr-defined]
         if dist.world > 1:
-            print(f"data parallel: {dist.world} processes ({acc.distributed_type.value}), {tc.grad_accum} micro-batch(es) "
-                  f"of {tc.batch_size} row(s) each per step", file=sys.stderr)
-    model, optimizer = acc.prepare(model, optimizer)
+            how = "sharded (FSDP2)" if engine.sharded else "replicated (DDP)"
+            print(f"data parallel: {dist.world} processes ({acc.distributed_type.value}), weights {how}, "
+                  f"{tc.grad_accum} micro-batch(es) of {tc.batch_size} row(s) each per step", file=sys.stderr)
+    model = engine.before_optimizer(model)  # FSDP2 shards in place, so the optimizer must see the sharded parameters
+    groups = method.param_groups(model, tc.lr, tc.weight_decay)
+    if tc.layer_lr_decay is not None:
+        groups = stability.layer_decay_groups(groups, model, tc.layer_lr_decay)
+    optimizer = build_optimizer(groups, tc)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+    model, optimizer = engine.prepare(model, optimizer)
 
     state = ckpt.LoopState()
     ckpt_root = run_dir / "checkpoints"
     latest = ckpt.list_checkpoints(ckpt_root)[-1:] if resuming else []
     if latest:
-        unwrapped = acc.unwrap_model(model)
-        state = ckpt.load_checkpoint(latest[0], unwrapped, optimizer, scheduler, lambda st: method.load_extra_state(unwrapped, st), dist)
+        state = engine.load(latest[0], method, model, optimizer, scheduler)
     log = MetricsLog(run_dir / "metrics.jsonl", state.step if resuming else None, enabled=dist.is_main)
-    plain = acc.unwrap_model(model)  # validation and evaluation: main process only, outside the DDP wrapper
+    plain = engine.plain(model)  # outside the DDP wrapper: the methods' hooks act on the tuned model itself
     if state.step == 0:
-        def before_training() -> tuple[Any, Any]:
-            before = validation_batches(plain, objective, data.valid, acc, ref)
-            samples = validation_batches(plain, objective, data.valid, acc, ref, per_sample=True)
-            if cfg.eval.before:
-                _eval_tasks(cfg, plain, tok, run_dir, "before")
-            return before, samples
-
-        before, state.extra["val_samples_before"] = dist.from_main(before_training)
+        before, state.extra["val_samples_before"] = engine.on_outputs(model, lambda m: (
+            validation_batches(m, objective, data.valid, acc, ref),
+            validation_batches(m, objective, data.valid, acc, ref, per_sample=True)))
+        if cfg.eval.before:
+            engine.on_whole_model(model, lambda m: _eval_tasks(cfg, m, tok, run_dir, "before"))
         state.val_loss_before = None if before is None else sum(t for t, _ in before) / max(sum(c for _, c in before), 1)
         if state.val_loss_before is not None:
             log.write({"step": 0, "val_loss": state.val_loss_before})
@@ -274,7 +276,7 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
             # the objective normalises by the whole step's loss items, over all ranks
             num_items = int(dist.sum([sum(objective.num_items(b) for b in micro)])[0])
             objective.on_step(state.step, total_steps)
-            method.on_step(state.step, total_steps, acc.unwrap_model(model), optimizer)
+            method.on_step(state.step, total_steps, plain, optimizer)
             loss_sum, real_tokens, step_metrics = 0.0, 0, []
             for i, batch in enumerate(micro):
                 real_tokens += int(batch.pop("real_tokens", torch.tensor(0)))
@@ -293,7 +295,7 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
             grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
-            method.after_step(state.step, acc.unwrap_model(model))
+            method.after_step(state.step, plain)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -302,7 +304,7 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
             state.wall_s += dt
             rec = {
                 "step": state.step, "epoch": round(state.epoch + state.micro / len(data.train), 4), "loss": loss_sum,
-                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "lr": lr, "grad_norm": engine.grad_norm(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": real_tokens / dt, "tokens": state.tokens, "elapsed_s": round(state.wall_s, 3),
                 "rss_mb": round(peak_rss_mb(), 1), **_mean_metrics(step_metrics),
             }
@@ -313,12 +315,12 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
                 acc.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=state.step)
             progress.update(state.step, loss_sum, rec["tokens_per_s"])
             if tc.eval_every and state.step % tc.eval_every == 0 and state.step < total_steps:
-                dist.from_main(lambda: log.write({"step": state.step, "val_loss": validation_loss(plain, objective, data.valid, acc, ref)}))
+                val = engine.on_outputs(model, lambda m: validation_loss(m, objective, data.valid, acc, ref))
+                log.write({"step": state.step, "val_loss": val})
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < total_steps:
-                dist.from_main(lambda: _eval_tasks(cfg, plain, tok, run_dir, f"step-{state.step}"))
+                engine.on_whole_model(model, lambda m: _eval_tasks(cfg, m, tok, run_dir, f"step-{state.step}"))
             if (tc.save_every and state.step % tc.save_every == 0) or stopping:
-                ckpt.save_checkpoint(ckpt_root, method.checkpoint_state(plain), optimizer, scheduler, state, tc.keep_last,
-                                     method.extra_state(plain), dist)
+                engine.save(ckpt_root, method, model, optimizer, scheduler, state, tc.keep_last)
             if stopping and state.step < total_steps:
                 interrupted = True
                 break
@@ -326,18 +328,18 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     if interrupted:
         acc.end_training()
         return RunResult(run_dir, {"step": state.step, "total_steps": total_steps}, interrupted=True, main=dist.is_main)
-    return _finish(cfg, acc, dist, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
+    return _finish(cfg, acc, dist, engine, model, tok, method, objective, data, state, run_dir, log, (trainable, total), ref)
 
 
 def _check_engine(acc: Any) -> None:
-    """Data parallel (DDP) is what the loop implements: replicated weights, so the main process can checkpoint,
-    validate, evaluate and save alone. Sharded engines need every one of those to become a collective."""
+    """tunelab shards with its own FSDP2 path (train.fsdp, train/sharded.py) under a plain multi-process launch;
+    accelerate's FSDP/DeepSpeed engines would wrap the model a second way, so a launch that selects them is refused."""
     kind = acc.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise NotImplementedError(
-            f"accelerate launched with {kind}: tunelab trains data-parallel (DDP) only so far; sharded weights need "
-            "gathered checkpoints, validation on every rank and a gathered model for evaluation and saving, which "
-            "the loop does not do yet. Use configs/accelerate/ddp.yaml (or torchrun) and a method that fits one device")
+            f"accelerate launched with {kind}: tunelab shards the model itself; launch plain data parallel "
+            "(configs/accelerate/ddp.yaml, or torchrun) and set train.fsdp=true to shard weights, gradients and "
+            "optimizer state (FSDP2). DeepSpeed ZeRO is not supported")
 
 
 def _check_sandbox(cfg: RunConfig) -> None:
@@ -416,10 +418,13 @@ class _RefProgress:
         self.p.__exit__(*exc)
 
 
-def _finish(cfg, acc, dist, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
-    model = method.finalize(acc.unwrap_model(model))  # every rank: finalize may change the weights
-    default_attention(model)  # the saved config names an implementation any transformers can load
-    summary = dist.from_main(lambda: _deliver(cfg, acc, model, tok, method, objective, data, state, run_dir, log, params, ref))
+def _finish(cfg, acc, dist, engine, model, tok, method, objective, data, state, run_dir, log, params, ref=None) -> RunResult:  # noqa: ANN001
+    def deliver(whole: torch.nn.Module) -> dict[str, Any]:
+        whole = method.finalize(whole)
+        default_attention(whole)  # the saved config names an implementation any transformers can load
+        return _deliver(cfg, acc, whole, tok, method, objective, data, state, run_dir, log, params, ref)
+
+    summary = engine.on_whole_model(model, deliver)
     acc.end_training()
     return RunResult(run_dir, summary, main=dist.is_main)
 
