@@ -62,6 +62,9 @@ class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0, description="passes over the data; ignored when max_steps is set")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch (packed rows when packing)")
+    batch_tokens: int | None = Field(
+        None, gt=0, description="size micro-batches by tokens instead of rows: rows of similar length grouped so "
+        "rows x the widest <= batch_tokens (bounds memory by construction; overrides batch_size)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)

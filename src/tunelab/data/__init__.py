@@ -133,6 +133,11 @@ class Batches:
 
     `batch_size` counts rows: packed rows of whole units (capacity max_length per sequence of the widest
     unit, so a pair's row holds 2 x max_length), or single units.
+
+    `batch_tokens` (instead of `batch_size`) sizes micro-batches by their padded tensor: rows sorted by width are
+    grouped so that tensor rows x the widest row <= batch_tokens, which bounds activation memory by construction
+    and keeps padding low (rows of similar length train together). The groups are fixed; their order is shuffled
+    per epoch. A single row wider than the budget forms its own micro-batch.
     """
 
     samples: list[Unit]
@@ -143,30 +148,67 @@ class Batches:
     seed: int = 0
     shuffle: bool = True
     batcher: Batcher = field(default_factory=lambda: get_batcher("sft"))
+    batch_tokens: int | None = None
     rows: list[list[int]] = field(init=False)
+    groups: list[list[int]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         lengths = [len(s.input_ids) for s in self.samples]
         width = max((len(s.seqs) for s in self.samples), default=1)
         self.rows = pack(lengths, self.max_length * width) if self.packed else [[i] for i in range(len(lengths))]
+        if self.batch_tokens is not None:
+            self.groups = token_groups([self.row_shape(r) for r in self.rows], self.batch_tokens)
+
+    def row_shape(self, row: list[int]) -> tuple[int, int]:
+        """(tensor rows, width) a row of units occupies once collated: packed, one row holding every sequence;
+        unpacked, one tensor row per sequence of its unit (a pair's chosen and rejected), as wide as the longest."""
+        units = [self.samples[i] for i in row]
+        if self.packed:
+            return 1, sum(len(u.input_ids) for u in units)
+        return sum(len(u.seqs) for u in units), max(len(s.input_ids) for u in units for s in u.seqs)
+
+    def _count(self) -> int:
+        return len(self.groups) if self.groups is not None else len(self.rows)
 
     def __len__(self) -> int:
+        if self.groups is not None:
+            return len(self.groups)
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
 
     def order(self, epoch: int) -> list[int]:
+        """A permutation of the rows (of the token groups with `batch_tokens`) for this epoch."""
         if not self.shuffle:
-            return list(range(len(self.rows)))
-        return torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            return list(range(self._count()))
+        return torch.randperm(self._count(), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def batch(self, epoch: int, index: int, order: list[int] | None = None) -> dict[str, torch.Tensor]:
         order = order if order is not None else self.order(epoch)
-        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+        if self.groups is not None:
+            chosen = self.groups[order[index]]
+        else:
+            chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
         return self.batcher.collate([[self.samples[i] for i in self.rows[r]] for r in chosen], self.pad_id, self.packed)
 
     def __iter__(self):  # one pass in fixed order (validation)
         order = self.order(0)
         for i in range(len(self)):
             yield self.batch(0, i, order)
+
+
+def token_groups(shapes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Indices grouped, widest first, so that each group's (sum of tensor rows) x (widest) <= budget."""
+    order = sorted(range(len(shapes)), key=lambda i: (-shapes[i][1], i))
+    groups: list[list[int]] = []
+    n_rows, width = 0, 0
+    for i in order:
+        rows, w = shapes[i]
+        if groups and (n_rows + rows) * max(width, w) <= budget:
+            groups[-1].append(i)
+            n_rows, width = n_rows + rows, max(width, w)
+        else:
+            groups.append([i])
+            n_rows, width = rows, w
+    return groups
 
 
 @dataclass
@@ -176,8 +218,10 @@ class DataBundle:
     stats: dict[str, Any]
 
 
-def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_format: str = "sft") -> DataBundle:
-    """Tokenised, batched train (and validation) data in the shape the objective declared."""
+def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_format: str = "sft",
+               batch_tokens: int | None = None) -> DataBundle:
+    """Tokenised, batched train (and validation) data in the shape the objective declared; `batch_tokens`
+    sizes micro-batches by tokens instead of rows (see Batches)."""
     if not cfg.train:
         raise UserError("data.train is not set: give a JSONL/JSON/CSV/Parquet file, a saved dataset dir or builtin:NAME")
     train = tokenize_cached(cfg.train, tok, cfg, cfg.split, batch_format)
@@ -189,12 +233,13 @@ def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_form
         train_s, valid_s = split_valid(train, cfg.valid_size, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batcher = get_batcher(batch_format)
-    tb = Batches(train_s, batch_size, cfg.max_length, cfg.packing, pad, seed, batcher=batcher)
-    vb = Batches(valid_s, batch_size, cfg.max_length, cfg.packing, pad, seed, shuffle=False, batcher=batcher) if valid_s else None
+    tb = Batches(train_s, batch_size, cfg.max_length, cfg.packing, pad, seed, batcher=batcher, batch_tokens=batch_tokens)
+    vb = (Batches(valid_s, batch_size, cfg.max_length, cfg.packing, pad, seed, shuffle=False, batcher=batcher, batch_tokens=batch_tokens)
+          if valid_s else None)
     stats = {
         "rows": train.rows, "train_samples": len(train_s), "valid_samples": len(valid_s),
         "dropped_too_long": train.dropped_too_long, "dropped_no_labels": train.dropped_no_labels,
-        "truncated": train.truncated, "train_rows": len(tb.rows),
+        "truncated": train.truncated, "train_rows": len(tb.rows), "train_micro_batches": len(tb),
         "train_tokens": sum(len(s.input_ids) for s in train_s),
         "train_label_tokens": sum(sum(1 for x in s.labels if x != IGNORE) for s in train_s),
         "batch_format": batch_format, **{f"dropped_{k}": v for k, v in train.dropped_other.items()},

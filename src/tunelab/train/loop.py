@@ -213,7 +213,7 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
         print(f"note: objective '{cfg.objective.name}' uses a per-micro-batch statistic, so train.grad_accum="  # type: ignore[attr-defined]
               f"{tc.grad_accum} is not the same as one batch {tc.grad_accum}x larger (see its docstring)", file=sys.stderr)
     with dist.main_first():
-        data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format)
+        data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format, tc.batch_tokens)
         ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
         objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
     micro_per_step = tc.grad_accum * dist.world
@@ -239,7 +239,8 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
         if dist.world > 1:
             how = "sharded (FSDP2)" if engine.sharded else "replicated (DDP)"
             print(f"data parallel: {dist.world} processes ({acc.distributed_type.value}), weights {how}, "
-                  f"{tc.grad_accum} micro-batch(es) of {tc.batch_size} row(s) each per step", file=sys.stderr)
+                  f"{tc.grad_accum} micro-batch(es) of {f'<= {tc.batch_tokens} tokens' if tc.batch_tokens else f'{tc.batch_size} row(s)'} "
+                  "each per step", file=sys.stderr)
     model = engine.before_optimizer(model)  # FSDP2 shards in place, so the optimizer must see the sharded parameters
     groups = method.param_groups(model, tc.lr, tc.weight_decay)
     if tc.layer_lr_decay is not None:
