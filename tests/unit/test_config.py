@@ -157,8 +157,9 @@ def test_defaults_resolve_to_lora_sft() -> None:
     assert cfg.method.name == "lora" and cfg.objective.name == "sft"  # type: ignore[attr-defined]
 
 
-# run configs; configs/compare holds grids and search spaces (tests/unit/test_shipped_grids.py validates those)
-RUN_CONFIGS = sorted(p for p in CONFIG.parents[1].rglob("*.yaml") if "compare" not in p.parts)
+# run configs; configs/compare holds grids and search spaces (tests/unit/test_shipped_grids.py validates those),
+# configs/accelerate launcher configs (tests/unit/test_dist.py)
+RUN_CONFIGS = sorted(p for p in CONFIG.parents[1].rglob("*.yaml") if not {"compare", "accelerate"} & set(p.parts))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

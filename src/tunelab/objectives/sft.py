@@ -41,7 +41,8 @@ class SFT(Objective):
         if not self.cfg.label_smoothing:  # type: ignore[attr-defined]
             # log p(label) only: the head runs in chunks, so a long row's logits never exist at once
             lp, labels = label_token_logprobs(model, batch)
-            return -lp.sum() / max(num_items, 1), {"tokens": float(labels.numel())}
+            # summed in fp64: a long fp32 sum drifts with its order, and accumulation must equal one big batch
+            return (-lp.sum(dtype=torch.float64) / max(num_items, 1)).float(), {"tokens": float(labels.numel())}
         logits, labels = label_logits(model, batch)
         loss = sft_loss(logits, labels, num_items, self.cfg.label_smoothing)  # type: ignore[attr-defined]
         # no extra metrics here: a second softmax/argmax over the vocabulary costs as much as the loss itself
