@@ -39,8 +39,9 @@ torch.manual_seed(0)
 AutoModelForCausalLM.from_config(cfg).save_pretrained("/tmp/smol-rand")
 AutoTokenizer.from_pretrained(".gpucache/smol-config").save_pretrained("/tmp/smol-rand")
 PY
+# both tools train on the GPU (TRL's use_cpu follows CUDA), bf16 autocast, MFU against the GPU's measured bf16 matmul peak
 timeout 420 python3 benchmarks/train_throughput.py --model-dir /tmp/smol-rand --mbpp "$PWD/.gpucache/mbpp.jsonl" --steps 20 --warmup-steps 3 \
-  --batch-size 8 --tag gpu_train_throughput --note "GPU, random-init SmolLM2-135M architecture" > "$OUT/bench.txt" 2>&1
+  --batch-size 8 --precision bf16 --tag gpu_train_throughput --note "GPU, random-init SmolLM2-135M architecture, bf16" > "$OUT/bench.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.txt"
 cp benchmarks/results/gpu_train_throughput.* "$OUT/" 2>/dev/null
 exit 0

@@ -20,7 +20,10 @@ Throughput = real (non-padding) tokens of the batches actually fed / wall time, 
 first `--warmup-steps` (excluded the same way in every run).
 
     python benchmarks/train_throughput.py                 # from the repo root; writes benchmarks/results/
+    python benchmarks/train_throughput.py --precision bf16 --tag train_throughput_bf16
     python benchmarks/train_throughput.py --steps 6 --runs tunelab trl_padding   # a quick look
+
+Defaults compare equal tokens per micro-batch: 4 samples (padding runs) against 1 packed row (~4.5 samples).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
+from shutil import which as shutil_which
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +91,10 @@ class StepClock:
         self.micro: list[dict[str, int]] = []
 
     def _mark(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels run asynchronously: a step ends when the GPU is done with it
         self.marks.append({"t": time.perf_counter(), "cpu": time.process_time(), "busy": _busy_cpu_s(),
                            "n_micro": len(self.micro), "rss_mb": peak_rss_mb()})
 
@@ -191,7 +199,8 @@ def child_trl(a: argparse.Namespace, packing: bool, rows_per_micro: int, grad_ac
         output_dir=str(tmp), max_steps=a.steps, per_device_train_batch_size=rows_per_micro,
         gradient_accumulation_steps=grad_accum, learning_rate=a.lr, lr_scheduler_type=a.scheduler, warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        seed=a.seed, data_seed=a.seed, bf16=a.precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=True,
+        seed=a.seed, data_seed=a.seed, bf16=a.precision == "bf16", fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1, dataloader_num_workers=0,
         dataloader_pin_memory=False, disable_tqdm=True, max_length=a.max_length, packing=packing,
         completion_only_loss=True, assistant_only_loss=False,
@@ -252,6 +261,9 @@ def run_child(a: argparse.Namespace) -> None:
         raise SystemExit(f"unknown run {name}")
     out["child_wall_s"] = time.perf_counter() - t0
     out["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
+    import torch
+
+    out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
     Path(a.json_out).write_text(json.dumps(out))
 
 
@@ -282,6 +294,7 @@ def summarize(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         "train_wall_s": round(sum(s["seconds"] for s in steps), 2),
         "process_wall_s": round(raw["parent_wall_s"], 2),
         "peak_rss_mb": raw["peak_rss_mb_train"], "peak_rss_mb_process_end": raw["peak_rss_mb_process"],
+        "peak_gpu_mb": raw.get("peak_gpu_mb"),
         "final_loss": losses[-1], "mean_loss_last5": sum(last5) / len(last5) if last5 else None,
         "losses": losses, "step_seconds": [round(s["seconds"], 3) for s in steps],
         "trainable_params": raw.get("trainable_params"), "data": raw.get("data"),
@@ -302,7 +315,10 @@ def machine() -> dict[str, Any]:
     mem = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                         check=False).stdout.strip() if shutil_which("nvidia-smi") else ""
     return {
+        "gpu": gpu or None,
         "cpu": info.get("model name") or platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in flags],
         "mem_mb": mem, "os": platform.platform(), "python": platform.python_version(),
@@ -339,7 +355,7 @@ def rel(p: Path) -> str:
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [
-        "# Training throughput: tunelab vs TRL SFTTrainer (CPU)", "",
+        f"# Training throughput: tunelab vs TRL SFTTrainer ({res['machine'].get('gpu') or 'CPU'})", "",
         f"Command (from the repo root): `{res['command']}`", "",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores ({', '.join(res['machine']['isa'])}), "
         f"{res['machine']['mem_mb']} MB RAM. Versions: "
@@ -351,8 +367,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"(non-padding) tokens / wall time over steps {s['warmup_steps'] + 1}..{s['steps']} "
         f"(first {s['warmup_steps']} excluded).", "",
         "| run | real tok/s | fed tok/s | real tok per CPU-s | padding | samples/step | real tok/step | s/step | "
-        "peak RSS MB | final loss | mean loss last 5 | process wall s | other processes' CPU, timed steps (whole run), cores | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS MB | peak GPU MB | final loss | mean loss last 5 | process wall s | other processes' CPU, timed steps (whole run), cores | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -364,7 +380,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {name} | {f(r['tokens_per_s'])} | {f(r['fed_tokens_per_s'])} | {f(r['real_tokens_per_cpu_s'])} | "
             f"{f(100 * r['padding_fraction'])}% | "
             f"{f(r['samples_per_step'], 2)} | {f(r['real_tokens_per_step'], 0)} | {f(r['seconds_per_step'], 2)} | "
-            f"{f(r['peak_rss_mb'], 0)} | {f(r['final_loss'], 4)} | {f(r['mean_loss_last5'], 4)} | "
+            f"{f(r['peak_rss_mb'], 0)} | {f(r.get('peak_gpu_mb'), 0)} | {f(r['final_loss'], 4)} | {f(r['mean_loss_last5'], 4)} | "
             f"{f(r['process_wall_s'], 0)} | {f(r.get('other_processes_cores_timed'), 2)} ({f(r.get('other_processes_cores'), 2)}) | "
             f"{pct(r.get('mfu'))} |"
         )
@@ -379,6 +395,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("throughput_ratio_vs_trl_packing", TARGETS["throughput_vs_trl_packing"], "ge"),
         ("rss_ratio_vs_trl_padding", TARGETS["rss_vs_trl_padding"], "le"),
         ("rss_ratio_vs_trl_packing", None, "le"),
+        ("gpu_mem_ratio_vs_trl_padding", None, "le"),
         ("cpu_s_throughput_ratio_vs_trl_padding", None, "ge"),
         ("cpu_s_throughput_ratio_vs_trl_packing", None, "ge"),
     ):
@@ -434,20 +451,26 @@ def settings(a: argparse.Namespace, mbpp: Path, samples: int) -> dict[str, Any]:
 
 
 def matmul_peak_gflops(threads: int, seconds: float = 3.0, n: int = 2048) -> dict[str, float]:
-    """This machine's dense matmul throughput (n x n @ n x n) in fp32 and, where the CPU has it, bf16."""
+    """This machine's dense matmul throughput (n x n @ n x n) in fp32 and bf16, on the GPU when there is one (the
+    device the runs train on; n = 8192 there, so the GPU is saturated)."""
     import torch
 
     torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    device, n = ("cuda", 8192) if cuda else ("cpu", n)
     out = {}
-    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if torch.backends.mkldnn.is_available() else [])
-    for name, dtype in dtypes:
-        x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         for _ in range(3):
             x @ y
+        if cuda:
+            torch.cuda.synchronize()
         done, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             x @ y
             done += 1
+            if cuda:
+                torch.cuda.synchronize()
         out[name] = round(2 * n**3 * done / (time.perf_counter() - t0) / 1e9, 1)
     return out
 
@@ -472,6 +495,7 @@ def derived(runs: dict[str, Any]) -> dict[str, Any]:
         "throughput_ratio_vs_trl_packing": ratio(get("tunelab", "tokens_per_s"), get("trl_packing", "tokens_per_s")),
         "rss_ratio_vs_trl_padding": ratio(get("tunelab", "peak_rss_mb"), get("trl_padding", "peak_rss_mb")),
         "rss_ratio_vs_trl_packing": ratio(get("tunelab", "peak_rss_mb"), get("trl_packing", "peak_rss_mb")),
+        "gpu_mem_ratio_vs_trl_padding": ratio(get("tunelab", "peak_gpu_mb"), get("trl_padding", "peak_gpu_mb")),
         "cpu_s_throughput_ratio_vs_trl_padding": ratio(get("tunelab", "real_tokens_per_cpu_s"),
                                                        get("trl_padding", "real_tokens_per_cpu_s")),
         "cpu_s_throughput_ratio_vs_trl_packing": ratio(get("tunelab", "real_tokens_per_cpu_s"),
@@ -590,10 +614,10 @@ def main() -> None:
     p.add_argument("--mbpp", default=str(DEFAULT_MBPP), help="mbpp.jsonl (default: <repo>/../shared/data/mbpp/mbpp.jsonl)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps excluded from the throughput")
-    p.add_argument("--batch-size", type=int, default=2, help="rows per micro-batch (packed rows when packing)")
-    p.add_argument("--packed-batch-size", type=int, default=None,
-                   help="packed rows per micro-batch in the packing runs (default: --batch-size); e.g. 1 with "
-                   "--batch-size 4 compares about the same tokens and samples per step")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch in the padding runs")
+    p.add_argument("--packed-batch-size", type=int, default=1,
+                   help="packed rows per micro-batch in the packing runs; the default 1 row (~1,000 tokens, ~4.5 "
+                   "samples) against --batch-size 4 compares about the same tokens and samples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--scheduler", choices=("cosine", "linear", "constant"), default="cosine")
