@@ -1,12 +1,14 @@
 """Two processes (DDP over gloo on CPU, started by torchrun) against one, end to end through the CLI.
 
 One module fixture runs everything, two launches at a time:
-- S: one process with grad_accum=2; E: two processes with grad_accum=1, same config (LoRA dropout 0). Every step
+- S: one process with grad_accum=2; E: two processes with grad_accum=1, same config (LoRA dropout 0, per-block
+  learning rates via train.layer_lr_decay, so several optimizer groups). Every step
   must see the same global batch: the same tokens, and losses and final adapter equal within float tolerance.
 - D: two processes uninterrupted (dropout on, so each rank's RNG matters); K: the same run whose launcher is
   killed with SIGKILL after its first checkpoint. The orphaned workers notice, agree, checkpoint and stop; then
   `--resume` under two processes must end bit-identical to D.
-- T: SIGTERM to rank 1 only: both ranks stop at the same step with one checkpoint, in bounded time.
+- T: SIGTERM to rank 1 only: both ranks stop at the same step with one checkpoint, in bounded time; C: Ctrl-C
+  (SIGINT to the launcher's whole process group) does the same.
 - a run directory that already holds a run is refused once, by every rank, without a hang.
 - F: two processes with sharded weights (train.fsdp, FSDP2 over gloo) against S as above, with an evaluation task
   before and after (run on the main process's gathered copy); FK: the same run stopped by SIGTERM to rank 0 after
@@ -103,8 +105,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         return started[-1]
 
     try:
-        s = launch(1, "runs/s", "method.dropout=0", "train.grad_accum=2")
-        e = launch(2, "runs/e", "method.dropout=0")
+        # per-block learning rates (several optimizer groups) must survive the DDP wrapper and FSDP2's sharding
+        s = launch(1, "runs/s", "method.dropout=0", "train.grad_accum=2", "train.layer_lr_decay=0.8")
+        e = launch(2, "runs/e", "method.dropout=0", "train.layer_lr_decay=0.8")
         res["s"], res["e"] = s.wait(), e.wait()
 
         d = launch(2, "runs/d")
@@ -131,12 +134,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         res["t_stop_s"] = time.monotonic() - t0
         res["t_left"] = [p.pid for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
+        c = launch(2, "runs/c", "train.max_steps=10000", "train.save_every=0")  # Ctrl-C: SIGINT to the whole group
+        poll(lambda: '"loss"' in ((cwd / "runs/c/metrics.jsonl").read_text() if (cwd / "runs/c/metrics.jsonl").is_file() else ""),
+             c, "run c's first step")
+        c_ranks = list(c.workers().values())
+        t0 = time.monotonic()
+        os.killpg(c.p.pid, signal.SIGINT)
+        res["c"] = c.wait(timeout=120)
+        res["c_gone_s"] = wait_gone(c_ranks, 60) + time.monotonic() - t0
+
         t0 = time.monotonic()
         res["exists"] = launch(2, "runs/e").wait(timeout=120)
         res["exists_s"] = time.monotonic() - t0
 
         qa = write_jsonl(cwd / "qa.jsonl", [{"prompt": "Say hi.", "reference": "hi"}, {"prompt": "2+2?", "reference": "4"}])
-        fsdp = ["method.dropout=0", "train.fsdp=true"]
+        fsdp = ["method.dropout=0", "train.fsdp=true", "train.layer_lr_decay=0.8"]
         evals = ["eval.before=true", "eval.after=true",
                  f"eval.tasks=[{{name: generation, path: '{qa}', max_new_tokens: 4, prompt_mode: completion}}]"]
         f = launch(2, "runs/f", *fsdp, *evals)
@@ -225,6 +237,15 @@ def test_sigterm_to_one_rank_stops_all_at_one_step(runs: dict) -> None:
     assert {p.name for p in ckpts[0].parent.iterdir()} >= {"rng-0.pt", "rng-1.pt"}
     assert f"stopped at step {step}" in t.out and t.out.count("stopped at step") == 1  # the main process reports once
     assert not (run / "final").exists()
+
+
+def test_ctrl_c_stops_every_rank_with_one_checkpoint(runs: dict) -> None:
+    c, run = runs["c"], runs["cwd"] / "runs/c"
+    assert runs["c_gone_s"] < 60
+    ckpts = list(run.glob("checkpoints/step-*/loop.json"))
+    assert len(ckpts) == 1 and json.loads(ckpts[0].read_text())["world_size"] == 2
+    step = json.loads(ckpts[0].read_text())["step"]
+    assert c.out.count(f"stopped at step {step}") == 1 and not (run / "final").exists()
 
 
 def test_existing_run_is_refused_by_every_rank(runs: dict) -> None:
