@@ -149,3 +149,10 @@ def default_attention(model: Any) -> None:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if getattr(base.config, "_attn_implementation", None) == NAME:
         base.set_attn_implementation("sdpa")
+
+
+def use_packed_attention(model: Any) -> None:
+    """Switch to `tunelab_packed` without the check: another process ran `enable_packed_attention` on the same
+    architecture and its check passed (a meta-device skeleton cannot run one)."""
+    register()
+    model.set_attn_implementation(NAME)

@@ -71,6 +71,12 @@ class Objective:
             return int((batch["labels"] != -100).sum())
         return int(batch["sample_ids"].numel())
 
+    @property
+    def prepare_reads_weights(self) -> bool:
+        """`prepare` reads the trained model's weights (self-distillation scores with them). A sharded run then
+        materialises the base model on every rank instead of only on the main one."""
+        return False
+
     def prepare(self, ctx: PrepareContext) -> None:
         """Once per run, before the first step (and again on resume): precompute what the loss needs from models
         other than the one being trained (e.g. a teacher's distributions). Work must be cached so a resumed run

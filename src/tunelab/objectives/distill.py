@@ -196,6 +196,10 @@ class Distill(Objective):
         self.table: Table | None = None
         self.vocab_size: int | None = None
 
+    @property
+    def prepare_reads_weights(self) -> bool:
+        return not self.cfg.teacher  # type: ignore[attr-defined]  # self-distillation: the base is the teacher
+
     def _teacher_name(self) -> str:
         return self.cfg.teacher or "the base model (self-distillation)"  # type: ignore[attr-defined]
 

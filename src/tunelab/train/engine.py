@@ -63,12 +63,17 @@ class Sharded(Replicated):
 
     sharded = True
 
-    def __init__(self, acc: Any, dist: Dist, build_whole: Callable[[], torch.nn.Module]) -> None:
+    def __init__(self, acc: Any, dist: Dist, build_whole: Callable[[], torch.nn.Module], skeletons: bool) -> None:
         super().__init__(acc, dist)
         self.build_whole = build_whole  # the same architecture, unsharded: for the main process's full copy
+        self.skeletons = skeletons  # the other ranks built a meta-device skeleton; the main process fills them
 
     def before_optimizer(self, model: torch.nn.Module) -> torch.nn.Module:
-        return sharded.shard(model, self.dist, self.acc.device)
+        main_state = model.state_dict() if self.skeletons and self.dist.is_main else {}
+        model = sharded.shard(model, self.dist, self.acc.device)
+        if self.skeletons:
+            sharded.fill_from_main(model, main_state, self.dist, self.acc.device)
+        return model
 
     def prepare(self, model: Any, optimizer: Any) -> tuple[Any, Any]:
         return model, optimizer  # accelerate would wrap the sharded model in DDP on top
@@ -101,5 +106,6 @@ class Sharded(Replicated):
         return self.dist.from_main(lambda: fn(whole))  # type: ignore[arg-type]  # the copy is freed on return
 
 
-def make_engine(fsdp: bool, acc: Any, dist: Dist, build_whole: Callable[[], torch.nn.Module]) -> Replicated:
-    return Sharded(acc, dist, build_whole) if fsdp and dist.world > 1 else Replicated(acc, dist)
+def make_engine(fsdp: bool, acc: Any, dist: Dist, build_whole: Callable[[], torch.nn.Module], skeletons: bool = False) -> Replicated:
+    """`skeletons`: with fsdp, every rank but the main one builds the model on the meta device (sharded.skeleton)."""
+    return Sharded(acc, dist, build_whole, skeletons) if fsdp and dist.world > 1 else Replicated(acc, dist)

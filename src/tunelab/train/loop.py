@@ -34,11 +34,11 @@ from tunelab.data import Batches, build_data
 from tunelab.errors import UserError
 from tunelab.methods import METHODS
 from tunelab.methods._base import count_params
-from tunelab.models import load_model
-from tunelab.models.attention import default_attention, enable_packed_attention
+from tunelab.models import load_model, load_tokenizer
+from tunelab.models.attention import default_attention, enable_packed_attention, use_packed_attention
 from tunelab.objectives import OBJECTIVES
 from tunelab.train import checkpoint as ckpt
-from tunelab.train import stability
+from tunelab.train import sharded, stability
 from tunelab.train.dist import Dist, accelerator_kwargs, orphaned
 from tunelab.train.engine import make_engine
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -195,15 +195,26 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     launcher = os.getppid() if dist.world > 1 else None
 
     dist.from_main(lambda: _check_sandbox(cfg))  # before any training: an evaluation refused later is refused now
-    with dist.main_first():  # the main process fills the caches (converted weights, tokenised data), then the rest read
-        model, tok = load_model(cfg.model, acc.device)
-    if cfg.data.packing and cfg.model.attn_implementation is None and acc.device.type == "cpu":
-        enable_packed_attention(model, quiet)  # per-sample attention instead of a dense block mask (models/attention.py)
     method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
     if objective.needs_generation:
         raise NotImplementedError(f"objective '{cfg.objective.name}' samples during training, which the loop does not support yet")  # type: ignore[attr-defined]
-    engine = make_engine(tc.fsdp, acc, dist, lambda: METHODS.get(cfg.method.name)(cfg.method).tune(load_model(cfg.model, acc.device)[0]))  # type: ignore[attr-defined]
+    # sharded: only the main process reads the weights; the others build a meta-device skeleton it fills later
+    skeletons = tc.fsdp and dist.world > 1 and not objective.prepare_reads_weights
+    with dist.main_first():  # the main process fills the caches (converted weights, tokenised data), then the rest read
+        if skeletons and not dist.is_main:
+            model, tok = None, load_tokenizer(cfg.model)
+        else:
+            model, tok = load_model(cfg.model, acc.device)
+    if skeletons:
+        config = dist.from_main(lambda: model.config)  # type: ignore[union-attr]
+        model = model if dist.is_main else sharded.skeleton(cfg.model, config)
+    # per-sample attention instead of a dense block mask (models/attention.py), checked once on the main process
+    packed_cpu = cfg.data.packing and cfg.model.attn_implementation is None and acc.device.type == "cpu"
+    if packed_cpu and dist.from_main(lambda: enable_packed_attention(model, quiet)) and not dist.is_main:
+        use_packed_attention(model)
+    engine = make_engine(tc.fsdp, acc, dist, lambda: METHODS.get(cfg.method.name)(cfg.method).tune(load_model(cfg.model, acc.device)[0]),  # type: ignore[attr-defined]
+                         skeletons)
     if engine.sharded and method.calibration_batches:
         raise NotImplementedError(f"method '{cfg.method.name}' calibrates on data before tuning; train.fsdp does not rebuild that state for its gathered copy yet")  # type: ignore[attr-defined]
     if cfg.data.packing and not method.supports_packing:

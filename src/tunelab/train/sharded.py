@@ -15,11 +15,16 @@ What changes against DDP, all here:
   process, which builds one unsharded copy (the same construction, under a forked RNG so the training streams do
   not move) and uses it alone. That copy costs the main process one model's memory for the duration.
 
+Loading: only the main process reads the base weights. The other ranks build the architecture on the meta device
+(no memory) from the main process's config, tune it the same way, shard it, allocate their shards and receive
+them from the main process (`set_model_state_dict(broadcast_from_rank0)`, buffers by broadcast). So no rank but
+the main one ever holds the whole model. Exception: an objective whose `prepare` reads the model's weights
+(self-distillation) has every rank load them.
+
 Tested (tests/e2e/test_multiprocess.py, 2 processes over gloo): LoRA, against one process with doubled
-accumulation, and stop + resume bit-identical. Not yet: loading the base weights shard by shard (every rank reads
-the whole base model before sharding, then frees all but its shard), CPU offload of the shards, methods that
-calibrate on data before tuning (refused), and no-sync accumulation (gradients are reduce-scattered after every
-micro-batch: correct, more communication).
+accumulation, and stop + resume bit-identical. Not yet: CPU offload of the shards, methods that calibrate on data
+before tuning (refused), and no-sync accumulation (gradients are reduce-scattered after every micro-batch:
+correct, more communication).
 """
 
 from __future__ import annotations
@@ -41,6 +46,38 @@ def shard(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def skeleton(model_cfg: Any, config: Any) -> torch.nn.Module:
+    """The main process's architecture on the meta device: shapes only, no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import resolve_dtype
+
+    kw: dict[str, Any] = {"dtype": resolve_dtype(model_cfg.dtype), "trust_remote_code": model_cfg.trust_remote_code}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kw)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def fill_from_main(model: torch.nn.Module, main_state: dict[str, torch.Tensor], dist: Dist, device: torch.device) -> None:
+    """After sharding: ranks that built a meta skeleton allocate their shards; the main process's weights (its
+    full, pre-shard state) are scattered to every rank, and every buffer (rotary tables are not in a state dict)
+    is broadcast."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if on_meta(model):
+        model.to_empty(device=device)
+    set_model_state_dict(model, main_state if dist.is_main else {}, options=_options(broadcast_from_rank0=True))
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf, src=0)
 
 
 def is_sharded(model: Any) -> bool:
