@@ -431,7 +431,7 @@ def feedback_(
 @app.command()
 def quickstart(
     out: Annotated[str, typer.Option("--out", help="run directory")] = "runs/quickstart",
-    steps: Annotated[int | None, typer.Option("--steps", help="override the number of training steps")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="override the number of training steps")] = None,
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M-Instruct with LoRA on tunelab's code-instruction set."""
     from tunelab.quickstart import run_quickstart

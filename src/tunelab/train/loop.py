@@ -175,14 +175,17 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     acc = _accelerator(cfg, Path(cfg.out or "runs/run"))
     _check_engine(acc)
     dist = Dist.of(acc)
+    out = Path(cfg.out or "runs/run")
+    fresh = next((d for d in reversed([out, *out.parents]) if not d.exists()), out)  # the outermost dir this run makes
     run_dir, resuming = dist.from_main(lambda: prepare(cfg, resume, overwrite))
     try:
         return _train(cfg, acc, dist, run_dir, resuming, quiet or not dist.is_main)
     except Exception:
         # a failure while setting up (bad data, a method that does not fit, a crash) leaves no half-made run
-        # behind that a rerun would refuse to overwrite; a run with a checkpoint is kept for --resume
+        # behind that a rerun would refuse to overwrite (nor the parent dirs it made); a run with a checkpoint
+        # is kept for --resume
         if dist.is_main and not resuming and not ckpt.list_checkpoints(run_dir / "checkpoints"):
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(fresh, ignore_errors=True)
         raise
 
 
