@@ -80,12 +80,6 @@ def fill_from_main(model: torch.nn.Module, main_state: dict[str, torch.Tensor], 
         torch.distributed.broadcast(buf, src=0)
 
 
-def is_sharded(model: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def _options(**kw: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
