@@ -43,3 +43,19 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_difference() -> None:
     assert paired_bootstrap_ci(a, b) == paired_bootstrap_ci(a, b)
     lo, hi = paired_bootstrap_ci(a, b)
     assert lo < b.mean() - a.mean() < hi
+
+
+def test_several_samples_per_problem_compare_pass1_estimates_not_any_pass() -> None:
+    from tunelab.evaluate.stats import passed_per_problem
+
+    # 4 problems x 5 samples. Before: 1/5 on every problem; after: 4/5 on problems 0-2, 0/5 on problem 3.
+    before = {"per_problem": {str(i): {"passed": 1, "n": 5} for i in range(4)}}
+    after = {"per_problem": {**{str(i): {"passed": 4, "n": 5} for i in range(3)}, "3": {"passed": 0, "n": 5}}}
+    a, b = passed_per_problem(before), passed_per_problem(after)
+    assert a == {str(i): 0.2 for i in range(4)}  # "any sample passed" would say 1.0: pass@5, not pass@1
+    r = compare_pass(a, b)
+    assert r.rate_a == pytest.approx(0.2) and r.rate_b == pytest.approx(0.6)  # (0.8 * 3 + 0) / 4
+    assert (r.fixed, r.broken) == (3, 1)  # problems up vs down
+    assert r.p_value == pytest.approx(0.625)  # the sign test: 2 * P(X <= 1), X ~ Bin(4, 1/2)
+    one_sample = {"per_problem": {"x": {"passed": 1, "n": 1}, "y": {"passed": 0, "n": 1}}}
+    assert passed_per_problem(one_sample) == {"x": 1.0, "y": 0.0}  # with one sample: pass/fail as before

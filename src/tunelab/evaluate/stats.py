@@ -3,6 +3,10 @@
 - Pass/fail per problem (pass@1 with one sample): the exact McNemar test, i.e. a two-sided binomial test on the
   discordant problems (fixed vs broken) with p = 1/2 (scipy.stats.binomtest), and a paired bootstrap confidence
   interval of the pass-rate difference (problems resampled with replacement, seeded).
+- Several samples per problem: each problem's unbiased pass@1 estimate is its pass fraction c/n. The test is the
+  exact sign test on the problems whose estimate went up vs down (ties dropped), which is McNemar's test when
+  n = 1, and the CI is the paired bootstrap of the mean difference. (Counting a problem as passed when any of its
+  n samples passed would measure pass@n and call it pass@1.)
 - With n problems and no discordance the test cannot reject; `min_detectable` says how many net fixed problems
   (all discordant in one direction) a 0.05-level test would need, which is the honest wording of "no change".
 """
@@ -20,8 +24,8 @@ class PairedResult:
     problems: int
     rate_a: float
     rate_b: float
-    fixed: int  # passed with b, failed with a
-    broken: int  # passed with a, failed with b
+    fixed: int  # problems that pass more often with b (with one sample: passed with b, failed with a)
+    broken: int  # problems that pass more often with a
     p_value: float
     ci_low: float  # 95% CI of rate_b - rate_a
     ci_high: float
@@ -68,19 +72,19 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: 
     return float(lo), float(hi)
 
 
-def compare_pass(a: dict[str, bool], b: dict[str, bool], seed: int = 0) -> PairedResult:
-    """Model a vs model b on the problems both were scored on (per-problem pass/fail)."""
+def compare_pass(a: dict[str, float], b: dict[str, float], seed: int = 0) -> PairedResult:
+    """Model a vs model b on the problems both were scored on (per-problem pass@1 estimate: 0/1 with one sample)."""
     ids = sorted(set(a) & set(b))
     if not ids:
         raise ValueError("no problem was scored for both models")
     xa = np.array([float(a[i]) for i in ids])
     xb = np.array([float(b[i]) for i in ids])
-    fixed = int(((xb == 1) & (xa == 0)).sum())
-    broken = int(((xa == 1) & (xb == 0)).sum())
+    fixed = int((xb > xa).sum())
+    broken = int((xa > xb).sum())
     lo, hi = paired_bootstrap_ci(xa, xb, seed=seed)
     return PairedResult(len(ids), float(xa.mean()), float(xb.mean()), fixed, broken, mcnemar_exact(fixed, broken), lo, hi)
 
 
-def passed_per_problem(summary: dict[str, Any]) -> dict[str, bool]:
-    """An eval summary.json's per-problem results as pass (any sample passed) / fail."""
-    return {pid: r["passed"] > 0 for pid, r in summary["per_problem"].items()}
+def passed_per_problem(summary: dict[str, Any]) -> dict[str, float]:
+    """An eval summary.json's per-problem unbiased pass@1 estimates: passed samples / samples (0 or 1 with one)."""
+    return {pid: r["passed"] / r["n"] for pid, r in summary["per_problem"].items()}

@@ -1,7 +1,8 @@
 """A run's before/after verdicts: did it get better, by how much, how sure.
 
-- Each evaluation task scored before and after training: pass/fail per problem, exact McNemar test and a paired
-  bootstrap CI of the pass-rate difference (`tunelab.evaluate.stats.compare_pass`).
+- Each evaluation task scored before and after training: per problem, pass/fail (one sample) or the unbiased
+  pass@1 estimate c/n (several), the exact McNemar / sign test on the problems that moved and a paired bootstrap
+  CI of the pass@1 difference (`tunelab.evaluate.stats.compare_pass`).
 - Validation loss: the same validation samples before and after, each scored alone (the first 500); a paired
   bootstrap over samples (each a (summed loss, items) pair; the statistic is the ratio of sums, i.e. the loss per
   token as trained) gives the CI and a two-sided bootstrap p-value. With fewer than 5 samples no verdict is
