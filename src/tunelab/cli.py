@@ -354,6 +354,29 @@ def build_pairs_(
     typer.echo(json.dumps(stats, indent=2))
 
 
+@data_app.command("gold")
+def gold_(
+    out: Annotated[str, typer.Option("--out", help="SFT rows JSONL to write (messages, or prompt + completion)")],
+    task: Annotated[str, typer.Option("--task", help="task whose problems and reference answers to write: mbpp, humaneval, codetasks, generation")] = "mbpp",
+    data: TaskData = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="split to include; repeat for several (default train)")] = None,
+    prompt_mode: Annotated[str, typer.Option("--prompt-mode", help="the prompt the rows use, as the task's prompt_mode (mbpp: chat or fewshot)")] = "chat",
+    limit: Limit = None,
+) -> None:
+    """Write a task's problems with their reference answers as SFT rows, in the exact prompt the task evaluates with (no model needed)."""
+    from tunelab.data.build_gold import write_gold
+    from tunelab.evaluate.tasks import TASKS
+
+    if prompt_mode == "auto":
+        raise UserError("data gold: --prompt-mode must name the mode (chat, or the task's plain mode such as fewshot); "
+                        "auto depends on a model's tokenizer")
+    tasks = []
+    for s in split or [None]:
+        cfg = _training_task(task, data, s, prompt_mode=prompt_mode, limit=limit)
+        tasks.append((getattr(cfg, "split", None), TASKS.get(task)(cfg)))  # type: ignore[operator]
+    typer.echo(json.dumps(write_gold(tasks, Path(out)), indent=2))
+
+
 @data_app.command("s3ft")
 def s3ft_(
     model: Annotated[str, typer.Argument(metavar="MODEL | RUN_DIR", help="the base model (the one you will tune)")],

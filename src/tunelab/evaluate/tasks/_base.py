@@ -115,6 +115,22 @@ class Task:
     def stop(self) -> tuple[str, ...]:
         return ()
 
+    def training_target(self, problem: Problem) -> str | None:
+        """The reference answer as a supervised target after `prompt(problem)`: what the model should write
+        in this mode, ending where its generations should end; None when the problem ships no reference.
+
+        Chat mode: the code in one fenced block (what the extractor looks for); plain modes: the reference
+        as it continues the prompt. A task whose plain completions end at a marker, or whose reference
+        repeats the prompt, overrides this.
+        """
+        ref = problem.reference or (problem.references[0] if problem.references else None)
+        if ref is None:
+            return None
+        if self.mode == "chat" and self.executes_code:
+            code = ref.strip("\n")
+            return f"```python\n{code}\n```"
+        return ref
+
     def sampling(self) -> SamplingSettings:
         from tunelab.generate.engine import SamplingSettings
 

@@ -50,7 +50,7 @@ class HumanEval(Task):
         return [
             Problem(
                 id=r["task_id"], prompt=r["prompt"], tests=r["test"], entry_point=r["entry_point"],
-                reference=r["prompt"] + r["canonical_solution"],
+                reference=r["prompt"] + r["canonical_solution"], meta={"body": r["canonical_solution"]},
             )
             for r in rows
         ]
@@ -62,6 +62,12 @@ class HumanEval(Task):
             "Complete the following Python function. Keep its signature and write the whole function, "
             f"with any imports it needs.\n\n```python\n{problem.prompt.strip()}\n```"
         )
+
+    def training_target(self, problem: Problem) -> str | None:
+        # completion mode continues the prompt (signature + docstring), so the target is the body alone
+        if self.mode == "completion":
+            return problem.meta.get("body")
+        return super().training_target(problem)
 
     def stop(self) -> tuple[str, ...]:
         # an instruct model ends its turn itself; its answer may legitimately contain these lines

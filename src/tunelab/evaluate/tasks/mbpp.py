@@ -145,6 +145,14 @@ class MBPP(Task):
     def stop(self) -> tuple[str, ...]:
         return ("[DONE]",) if self.mode == "fewshot" else ()
 
+    def training_target(self, problem: Problem) -> str | None:
+        # the few-shot exemplars end each solution with "[DONE]", where generation stops; a target without it
+        # would teach the tuned model to run on into another problem
+        target = super().training_target(problem)
+        if target is not None and self.mode == "fewshot":
+            target = target.strip("\n") + "\n[DONE]"
+        return target
+
     def program(self, problem: Problem, completion: str) -> tuple[str, str | None]:
         from tunelab.evaluate.extract import extract_code
 
