@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MBPP_FILE, needs_mbpp
 
 from tunelab.data.build_gold import gold_rows, write_gold
 from tunelab.data.formats import detect_format, to_example
@@ -23,7 +24,8 @@ from tunelab.evaluate.sandbox import execute_many
 from tunelab.evaluate.tasks import TASKS
 from tunelab.evaluate.tasks._base import Problem
 
-MBPP = Path(__file__).resolve().parents[3] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+MBPP = MBPP_FILE
+pytestmark = needs_mbpp
 
 
 def _task(name: str, mode: str, **fields: object):  # noqa: ANN202

@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import MBPP_FILE, needs_mbpp
 
 from tunelab.data.build_pairs import pairs_from_samples
 from tunelab.evaluate.tasks import TASKS
 from tunelab.evaluate.tasks._base import Problem
 
-MBPP = Path(__file__).resolve().parents[3] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+MBPP = MBPP_FILE
 
 
 def _task(mode: str = "chat"):  # noqa: ANN202
@@ -47,7 +47,7 @@ def test_pairs_from_samples() -> None:
     assert [r["problem_id"] for r in rows] == ["0"] and stats["pairs_with_reference"] == 0
 
 
-@pytest.mark.skipif(not MBPP.is_file() and not os.environ.get("CI"), reason="needs ../shared/data/mbpp")
+@needs_mbpp
 def test_cli_build_pairs_smoke(tmp_path: Path) -> None:
     out = tmp_path / "pairs.jsonl"
     cmd = [str(Path(sys.executable).parent / "tunelab"), "data", "build-pairs", "tiny-llama", "--out", str(out), "--data", str(MBPP),

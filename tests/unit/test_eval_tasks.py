@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MBPP_FILE, needs_mbpp
 from pydantic import ValidationError
 
 from tunelab.errors import UserError
 from tunelab.evaluate.tasks import TASKS
 from tunelab.evaluate.tasks._base import Task
 from tunelab.generate.engine import Completion, Generated, SamplingSettings
-
-MBPP_FILE = Path(__file__).parents[2].parent / "shared/data/mbpp/mbpp.jsonl"
-needs_mbpp = pytest.mark.skipif(not MBPP_FILE.is_file(), reason=f"MBPP data not found at {MBPP_FILE} (../shared next to the checkout)")
 
 
 def _task(spec: dict[str, Any], chat_template: bool = True) -> Task:

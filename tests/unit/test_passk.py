@@ -80,3 +80,33 @@ def test_aggregate_with_too_few_samples() -> None:
         aggregate([], ks=[1])
     with pytest.raises(TypeError):
         aggregate(["oops"], ks=[1])  # type: ignore[list-item]
+
+
+def test_error_messages_name_the_argument_and_value() -> None:
+    """Exact messages: a user reads them to fix a call (and a changed message is a changed contract)."""
+    cases = [
+        ((5.0, 1, 1), TypeError, "n must be an int, got float"),
+        ((5, True, 1), TypeError, "c must be an int, got bool"),
+        ((5, 1, "1"), TypeError, "k must be an int, got str"),
+        ((5, 1, 0), ValueError, "k must be >= 1, got 0"),
+        ((5, 6, 1), ValueError, "need 0 <= c <= n, got n=5, c=6"),
+        ((-1, 0, 1), ValueError, "need 0 <= c <= n, got n=-1, c=0"),
+        ((0, 0, 1), ValueError, "pass@1 needs at least 1 samples per problem, got n=0"),  # no samples: no estimate
+    ]
+    for args, exc, message in cases:
+        with pytest.raises(exc) as err:
+            pass_at_k(*args)  # type: ignore[arg-type]
+        assert str(err.value) == message
+
+
+def test_aggregate_errors_and_unordered_ks() -> None:
+    with pytest.raises(ValueError) as err:
+        aggregate([], ks=[1])
+    assert str(err.value) == "no problems to aggregate"
+    with pytest.raises(TypeError) as err:
+        aggregate(["oops"], ks=[1])  # type: ignore[list-item]
+    assert str(err.value) == "each problem must be (n, c) or {'n': n, 'c': c}, got 'oops'"
+    with pytest.raises(TypeError, match="got \\(3, 1, 1\\)"):
+        aggregate([(3, 1, 1)], ks=[1])  # type: ignore[list-item]
+    # an unavailable k is skipped, and the ks after it are still computed
+    assert aggregate([(4, 2)], ks=[10, 1, 4], skip_unavailable=True) == {"pass@1": 0.5, "pass@4": 1.0}

@@ -6,11 +6,11 @@ interpreters (about 0.1 s each), with short timeouts.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
 import pytest
+from conftest import need
 
 from tunelab.evaluate import sandbox
 from tunelab.evaluate.sandbox import STATUSES, ExecutionResult, execute, execute_many
@@ -41,9 +41,8 @@ def test_isolation_is_detected_and_honest() -> None:
         assert not result.isolation.startswith("bwrap")
 
 
-@pytest.mark.skipif(not (os.environ.get("CI") or shutil.which("bwrap")),
-                    reason="bubblewrap is not installed (CI installs it: apt-get install bubblewrap)")
 def test_installed_bubblewrap_is_actually_used() -> None:
+    need(shutil.which("bwrap") is not None, "bubblewrap is not installed (.ci/run installs it: apt-get install bubblewrap)")
     # bwrap present but unusable (user namespaces blocked by Docker's seccomp profile or AppArmor) would
     # silently degrade every run to a fallback; say so loudly instead.
     assert sandbox.isolation_summary().startswith("bwrap"), sandbox._DETECT_ERRORS
@@ -302,8 +301,7 @@ def test_execute_many_concurrency_is_bounded() -> None:
 @pytest.mark.parametrize("kind", ["unshare", "rlimits"])
 def test_fallback_modes_still_decide_safely_and_say_what_they_are(kind: str) -> None:
     iso = sandbox._probe(kind)
-    if iso is None:
-        pytest.skip(f"{kind} is not available here: {sandbox._DETECT_ERRORS[-1:]}")
+    need(iso is not None, f"the {kind} sandbox mode is not available here: {sandbox._DETECT_ERRORS[-1:]}")
     ok = sandbox._execute(ADD + "assert add(1, 2) == 3\n", None, T, MEM, iso)
     assert ok.passed, ok.reason
     assert not ok.isolation.startswith("bwrap")

@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from tunelab.evaluate import sandbox
 from tunelab.evaluate.sandbox import ExecutionResult, execute
 
-pytestmark = pytest.mark.skipif(not sandbox.isolation_summary().startswith("bwrap"),
-                                reason="needs bubblewrap with user namespaces (apt-get install bubblewrap)")
+
+@pytest.fixture(autouse=True)
+def _bubblewrap() -> None:
+    need(sandbox.isolation_summary().startswith("bwrap"), "needs bubblewrap with user namespaces (apt-get install bubblewrap)")
+
 
 SECRET = "tl-fake-secret-7f3a9c"
 WRONG = "def add(a, b):\n    return a * b\n"  # wrong for the asserts below: add(1, 2) == 2

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Mutation score of the modules whose maths and bookkeeping everything depends on (issue 11, section 3), with
+# mutmut 3 (pip install mutmut==3.8.1; not a tunelab dependency, not run in CI).
+#
+# mutmut rewrites each function of the listed modules into many small variants ("mutants": an operator flipped,
+# a constant changed, a call argument dropped...) and runs the unit tests that reach that function against each.
+# A mutant the tests do not notice "survived": either the tests miss a behaviour, or the change is equivalent.
+# benchmarks/results/mutation.md holds the score per module and the triage of every survivor.
+#
+# Works on a snapshot of HEAD in a temporary directory (mutmut writes a mutants/ tree next to the sources), so
+# the checkout is never touched. Usage: benchmarks/mutation.sh [OUT_JSON]   (default benchmarks/results/mutation.json)
+# Environment: SETS (names below, default all), JOBS (parallel mutants, default the CPU count).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-$REPO/benchmarks/results/mutation.json}
+PY=${PYTHON:-$REPO/.venv/bin/python}
+JOBS=${JOBS:-$(nproc)}
+# group name | modules (globs under src/tunelab) | the unit/contract tests that exercise them
+declare -A MODULES=(
+  [objectives]="src/tunelab/objectives/*"
+  [passk]="src/tunelab/evaluate/passk.py"
+  [extract]="src/tunelab/evaluate/extract.py"
+  [checkpoint]="src/tunelab/train/checkpoint.py"
+  [packing]="src/tunelab/data/packing.py"
+  [templating]="src/tunelab/data/templating.py"
+  [batching]="src/tunelab/data/batching/*"
+  [reference]="src/tunelab/train/reference.py"
+)
+declare -A TESTS=(
+  [objectives]="tests/unit/test_objectives_pairwise.py tests/unit/test_objectives_other.py tests/unit/test_objectives_distill.py tests/unit/test_objectives_multi_target.py tests/unit/test_sft_loss.py tests/unit/test_leti.py tests/unit/test_chunked_head.py tests/unit/test_grad_accum.py tests/contract/test_objectives_contract.py"
+  [passk]="tests/unit/test_passk.py"
+  [extract]="tests/unit/test_extract.py"
+  [checkpoint]="tests/unit/test_checkpoint.py"
+  [packing]="tests/unit/test_packing.py tests/unit/test_packed_attention.py"
+  [templating]="tests/unit/test_templating_labels.py tests/unit/test_data_formats.py"
+  [batching]="tests/unit/test_batching.py tests/unit/test_batch_tokens.py"
+  [reference]="tests/unit/test_reference.py"
+)
+SETS=${SETS:-objectives passk extract checkpoint packing templating batching reference}
+W=$(mktemp -d /tmp/tunelab-mutation.XXXXXX)
+trap 'git -C "$REPO" worktree remove --force "$W/repo" >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
+git -C "$REPO" worktree add -q --detach "$W/repo" HEAD
+# tests find ../shared/data relative to the repository; mutmut runs them from repo/mutants/
+ln -s "$(cd "$REPO/../shared" && pwd)" "$W/repo/shared"
+echo "{}" > "$W/all.json"
+for g in $SETS; do
+  cd "$W/repo" && rm -rf mutants
+  sel=$(printf '"%s", ' ${TESTS[$g]}); only=$(cd "$W/repo" && printf '"%s", ' ${MODULES[$g]})
+  python3 - "$W/repo/pyproject.toml" "$only" "$sel" <<'PY'
+import re, sys
+path, only, sel = sys.argv[1:]
+text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", open(path).read())
+text += f"""
+[tool.mutmut]
+source_paths = ["src/tunelab"]
+only_mutate = [{only}]
+pytest_add_cli_args_test_selection = [{sel}]
+pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-x", "-W", "ignore"]
+process_isolation = "forkserver"
+"""
+open(path, "w").write(text)
+PY
+  t0=$SECONDS
+  "$PY" -m mutmut run --max-children "$JOBS" > "$W/$g.log" 2>&1 || echo "mutmut run $g: rc=$? (see log)" >&2
+  "$PY" -m mutmut results --all true > "$W/$g.results" 2>&1 || true
+  "$PY" - "$W/$g.results" "$W/all.json" "$g" "$((SECONDS - t0))" <<'PY'
+import json, re, sys
+from collections import Counter, defaultdict
+res, allf, group, secs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+per_module = defaultdict(Counter)
+survivors = defaultdict(list)
+for line in open(res):
+    m = re.match(r"\s*(tunelab\.[\w.]+)\.x[_\u01c1]\S*: (.+)$", line)  # module.x_function / module.xǁClassǁmethod
+    if not m:
+        continue
+    name = line.split(":")[0].strip()
+    module, status = m.group(1), m.group(2).strip()
+    per_module[module][status] += 1
+    if status != "killed":
+        survivors[module].append(name)
+data = json.load(open(allf))
+for module, c in per_module.items():
+    total = sum(c.values())
+    data[module] = {"group": group, "total": total, **c, "score": round(c["killed"] / total, 4) if total else None,
+                    "not_killed": sorted(survivors[module]), "group_seconds": secs}
+json.dump(data, open(allf, "w"), indent=2)
+for module, c in sorted(per_module.items()):
+    print(f"{module}: {c['killed']}/{sum(c.values())} killed ({dict(c)})")
+PY
+done
+cp "$W/all.json" "$OUT"
+echo "wrote $OUT"
