@@ -43,6 +43,7 @@ trap 'git -C "$REPO" worktree remove --force "$W/repo" >/dev/null 2>&1 || true; 
 git -C "$REPO" worktree add -q --detach "$W/repo" HEAD
 # tests find ../shared/data relative to the repository; mutmut runs them from repo/mutants/
 ln -s "$(cd "$REPO/../shared" && pwd)" "$W/repo/shared"
+cp "$W/repo/pyproject.toml" "$W/repo/pyproject.toml.orig"
 echo "{}" > "$W/all.json"
 for g in $SETS; do
   cd "$W/repo" && rm -rf mutants
@@ -50,7 +51,7 @@ for g in $SETS; do
   python3 - "$W/repo/pyproject.toml" "$only" "$sel" <<'PY'
 import re, sys
 path, only, sel = sys.argv[1:]
-text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", open(path).read())
+text = open(path + ".orig").read()  # the checkout's own pyproject, with this group's section added
 text += f"""
 [tool.mutmut]
 source_paths = ["src/tunelab"]
@@ -62,10 +63,10 @@ process_isolation = "forkserver"
 open(path, "w").write(text)
 PY
   t0=$SECONDS
-  "$PY" -m mutmut run --max-children "$JOBS" > "$W/$g.log" 2>&1 || echo "mutmut run $g: rc=$? (see log)" >&2
+  mkdir -p "$DIFFS"
+  "$PY" -m mutmut run --max-children "$JOBS" > "$DIFFS/$g.log" 2>&1 || echo "mutmut run $g: rc=$? (see $DIFFS/$g.log)" >&2
   "$PY" -m mutmut results --all true > "$W/$g.results" 2>&1 || true
   # the diff of every mutant the tests did not kill, for triage (kept beside the JSON)
-  mkdir -p "$DIFFS"
   for m in $(grep -v -E ": (killed|timeout)$" "$W/$g.results" | sed -n 's/^ *\(tunelab\.[^:]*\): .*/\1/p'); do
     echo "### $m ($(grep -F "$m:" "$W/$g.results" | sed 's/.*: //'))"; "$PY" -m mutmut show "$m" 2>&1 | grep -E '^[-+][^-+]'; echo
   done > "$DIFFS/$g.diff"

@@ -158,3 +158,77 @@ def test_resume_without_a_run_is_refused(tmp_path: Path) -> None:
     run, resuming = prepare(cfg, resume=False, overwrite=False)
     assert not resuming and (run / "config.yaml").is_file()
     assert prepare(cfg, resume=True, overwrite=False) == (run, True)
+
+
+def test_method_state_and_given_optimizer_state_round_trip(make_model: Any, tmp_path: Path) -> None:
+    """A method's non-parameter state (any picklable values) comes back to its restore hook; a sharded run's
+    gathered optimizer state is what gets written, not the local one; a caller's tensor loader gets the tensors."""
+    model, opt, sched = setup(make_model, 0)
+    extra = {"clusters": [[0, 1], [2]], "scale": np.float64(0.5), "ids": np.arange(3)}
+    gathered = {"state": {}, "param_groups": [{**opt.state_dict()["param_groups"][0], "lr": 0.123}]}
+    path = save_checkpoint(tmp_path / "a" / "b", trainable_state(model), opt, sched, LoopState(step=2), keep_last=1,
+                           method_state=extra, optimizer_state=gathered)
+    got: dict[str, Any] = {}
+    load_checkpoint(path, model, opt, sched, method_state=lambda s: got.update(method=s),
+                    load_tensors=lambda t: got.update(tensors=t), load_optimizer=lambda o: got.update(optimizer=o))
+    assert got["method"]["clusters"] == [[0, 1], [2]] and got["method"]["scale"] == 0.5
+    assert np.array_equal(got["method"]["ids"], np.arange(3))
+    assert got["optimizer"]["param_groups"][0]["lr"] == 0.123
+    assert set(got["tensors"]) == set(trainable_state(model)) and all(torch.equal(got["tensors"][k], v) for k, v in trainable_state(model).items())
+    # no method state saved: the hook still runs, with an empty dict
+    path = save_checkpoint(tmp_path / "c", trainable_state(model), opt, sched, LoopState(step=3), keep_last=1)
+    load_checkpoint(path, model, opt, sched, method_state=lambda s: got.update(empty=s))
+    assert got["empty"] == {}
+
+
+def test_wrong_parameter_names_are_listed_three_at_most(make_model: Any, tmp_path: Path) -> None:
+    model, opt, sched = setup(make_model, 0)
+    names = sorted(trainable_state(model))
+    path = save_checkpoint(tmp_path, {f"ghost{i}": torch.zeros(1) for i in range(5)}, opt, sched, LoopState(step=1), keep_last=1)
+    with pytest.raises(RuntimeError) as err:
+        load_checkpoint(path, model, opt, sched)
+    assert str(err.value) == f"{path}: checkpoint parameters not in the model: ['ghost0', 'ghost1', 'ghost2']"
+    assert names  # the model itself has trainable parameters: the error is about the names, not an empty model
+
+
+def test_resume_on_another_world_size_says_so_and_keeps_its_rng(make_model: Any, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Written by 1 process, resumed as rank 0 of 2: a note on stderr, and the saved RNG streams are NOT
+    restored (they belonged to another process layout); on the same world size they are, silently."""
+    from tunelab.train.dist import Dist
+
+    model, opt, sched = setup(make_model, 0)
+    torch.manual_seed(5)
+    path = save_checkpoint(tmp_path, trainable_state(model), opt, sched, LoopState(step=1), keep_last=1)
+    saved_next = torch.rand(1)
+    torch.manual_seed(99)
+    here_next = torch.rand(1)
+    torch.manual_seed(99)
+    load_checkpoint(path, model, opt, sched, dist=Dist(rank=0, world=2))
+    assert torch.equal(torch.rand(1), here_next)  # untouched
+    err = capsys.readouterr().err
+    assert err == (f"note: {path} was written by 1 process(es) and resumes on 2: the run continues from the same "
+                   "step and data position, but is not bit-identical to an uninterrupted run\n")
+    load_checkpoint(path, model, opt, sched, dist=Dist(rank=1, world=2))  # not the main process: no note
+    assert capsys.readouterr().err == ""
+    load_checkpoint(path, model, opt, sched)
+    assert torch.equal(torch.rand(1), saved_next) and capsys.readouterr().err == ""
+
+
+def test_cuda_rng_streams_are_saved_and_restored_where_cuda_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI has no GPU, so CUDA is faked: the state must carry the CUDA generators and give them back."""
+    from tunelab.train import checkpoint as ck
+
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0-state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", calls.append)
+    state = ck._rng_state()
+    assert state["cuda"] == ["gpu0-state"]
+    ck._set_rng_state(state)
+    assert calls == [["gpu0-state"]]
+    ck._set_rng_state({k: v for k, v in state.items() if k != "cuda"})  # written on a CPU machine: nothing to set
+    assert calls == [["gpu0-state"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ck._set_rng_state(state)  # written on a GPU, resumed without one: the CPU streams only
+    assert calls == [["gpu0-state"]] and "cuda" not in ck._rng_state()
