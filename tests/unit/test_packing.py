@@ -175,3 +175,30 @@ def test_whole_row_label_shift_is_detected(model: Any, samples: list[Encoded]) -
         alone = separate_losses(model, rows[0])
     assert torch.allclose(good, alone, atol=1e-5, rtol=0)
     assert (bad[:2] - alone[:2]).abs().min() > 1e-3  # the first two samples gain a cross-border target
+
+
+def test_pack_is_first_fit_decreasing_exactly() -> None:
+    # longest first (ties in input order), each into the first row with room: [9, 1] and [5, 5]. In input order
+    # (no sort) first-fit would need three rows: [1, 5], [5], [9].
+    assert pack([1, 5, 5, 9], capacity=10) == [[3, 0], [1, 2]]
+    assert pack([4, 4, 4], capacity=8) == [[0, 1], [2]]  # ties keep their order
+
+
+def test_collate_sequence_index_by_hand() -> None:
+    """Two packed rows of samples whose labels are known: every labelled (shifted) position names its sequence,
+    numbered across rows, -1 elsewhere; num_seqs counts them; every tensor is int64."""
+    a = Encoded([1, 2, 3], [IGNORE, 2, 3])  # prompt token, then two answer tokens
+    b = Encoded([4, 5], [IGNORE, 5])
+    c = Encoded([6, 7, 8, 9], [IGNORE, IGNORE, 8, 9])
+    batch = collate([[a, b], [c]], pad_id=0, packed=True)
+    # labels shifted left within each sample: a -> [2, 3, -], b -> [5, -], c -> [-, 8, 9, -]
+    assert batch["labels"].tolist() == [[2, 3, IGNORE, 5, IGNORE], [IGNORE, 8, 9, IGNORE, IGNORE]]
+    assert batch["seq_index"].tolist() == [[0, 0, -1, 1, -1], [-1, 2, 2, -1, -1]]
+    assert int(batch["num_seqs"]) == 3 and int(batch["real_tokens"]) == 9
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    for key in ("input_ids", "labels", "seq_index", "position_ids", "num_seqs", "real_tokens"):
+        assert batch[key].dtype == torch.long, key
+    unpacked = collate([[a], [c]], pad_id=0, packed=False)
+    assert unpacked["attention_mask"].dtype == torch.long and unpacked["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert unpacked["seq_index"].tolist() == [[0, 0, -1, -1], [-1, 1, 1, -1]] and int(unpacked["num_seqs"]) == 2
