@@ -9,7 +9,8 @@
 #
 # Works on a snapshot of HEAD in a temporary directory (mutmut writes a mutants/ tree next to the sources), so
 # the checkout is never touched. Usage: benchmarks/mutation.sh [OUT_JSON]   (default benchmarks/results/mutation.json)
-# Environment: SETS (names below, default all), JOBS (parallel mutants, default the CPU count).
+# Environment: SETS (names below, default all), JOBS (parallel mutants, default the CPU count), RECHECK (a previous
+# run's JSON: run only the mutants it left alive, e.g. after adding tests; the scores combine both runs).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$REPO/benchmarks/results/mutation.json}
@@ -64,18 +65,25 @@ open(path, "w").write(text)
 PY
   t0=$SECONDS
   mkdir -p "$DIFFS"
-  "$PY" -m mutmut run --max-children "$JOBS" > "$DIFFS/$g.log" 2>&1 || echo "mutmut run $g: rc=$? (see $DIFFS/$g.log)" >&2
+  only=()
+  if [ -n "${RECHECK:-}" ]; then
+    mapfile -t only < <(python3 -c "import json, sys; [print(n) for m, v in json.load(open(sys.argv[1])).items() if v['group'] == sys.argv[2] for n in v['not_killed']]" "$RECHECK" "$g")
+    [ ${#only[@]} -gt 0 ] || { echo "$g: nothing left alive in $RECHECK" >&2; continue; }
+  fi
+  "$PY" -m mutmut run --max-children "$JOBS" "${only[@]}" > "$DIFFS/$g.log" 2>&1 || echo "mutmut run $g: rc=$? (see $DIFFS/$g.log)" >&2
   "$PY" -m mutmut results --all true > "$W/$g.results" 2>&1 || true
   # the diff of every mutant the tests did not kill, for triage (kept beside the JSON)
-  for m in $(grep -v -E ": (killed|timeout)$" "$W/$g.results" | sed -n 's/^ *\(tunelab\.[^:]*\): .*/\1/p'); do
+  for m in $(grep -E ": (survived|no tests|suspicious|skipped|segfault)$" "$W/$g.results" | sed -n 's/^ *\(tunelab\.[^:]*\): .*/\1/p'); do
     echo "### $m ($(grep -F "$m:" "$W/$g.results" | sed 's/.*: //'))"; "$PY" -m mutmut show "$m" 2>&1 | grep -E '^[-+][^-+]'; echo
   done > "$DIFFS/$g.diff"
-  "$PY" - "$W/$g.results" "$W/all.json" "$g" "$((SECONDS - t0))" <<'PY'
+  "$PY" - "$W/$g.results" "$W/all.json" "$g" "$((SECONDS - t0))" "${RECHECK:-}" <<'PY'
 import json, re, sys
 from collections import Counter, defaultdict
-res, allf, group, secs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+res, allf, group, secs, recheck = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+previous = json.load(open(recheck)) if recheck else {}
 per_module = defaultdict(Counter)
 survivors = defaultdict(list)
+status_of = {}
 for line in open(res):
     m = re.match(r"\s*(tunelab\.[\w.]+)\.x[_\u01c1]\S*: (.+)$", line)  # module.x_function / module.xǁClassǁmethod
     if not m:
@@ -83,9 +91,20 @@ for line in open(res):
     name = line.split(":")[0].strip()
     module, status = m.group(1), m.group(2).strip()
     per_module[module][status] += 1
+    status_of[name] = status
     if status not in ("killed", "timeout"):
         survivors[module].append(name)
 data = json.load(open(allf))
+if previous:  # only the previous run's survivors ran again: every other mutant keeps its earlier verdict
+    for module, prev in previous.items():
+        if prev["group"] != group:
+            continue
+        alive = set(prev["not_killed"])
+        still = [n for n in survivors[module] if n in alive]
+        c = Counter(status_of[n] for n in still)
+        c["killed"] += prev.get("killed", 0) + len(alive) - len(still)
+        c["timeout"] += prev.get("timeout", 0)
+        per_module[module], survivors[module] = c, still
 for module, c in per_module.items():
     total = sum(c.values())
     # a mutant that makes the tests hang (timeout) was noticed too: it counts as killed
