@@ -29,7 +29,7 @@ declare -A MODULES=(
   [reference]="src/tunelab/train/reference.py"
 )
 declare -A TESTS=(
-  [objectives]="tests/unit/test_objectives_pairwise.py tests/unit/test_objectives_other.py tests/unit/test_objectives_distill.py tests/unit/test_objectives_multi_target.py tests/unit/test_sft_loss.py tests/unit/test_leti.py"
+  [objectives]="tests/unit/test_logprobs.py tests/unit/test_objective_base.py tests/unit/test_objectives_pairwise.py tests/unit/test_objectives_other.py tests/unit/test_objectives_distill.py tests/unit/test_objectives_multi_target.py tests/unit/test_sft_loss.py tests/unit/test_leti.py"
   [passk]="tests/unit/test_passk.py"
   [extract]="tests/unit/test_extract.py"
   [checkpoint]="tests/unit/test_checkpoint.py"

@@ -513,3 +513,36 @@ def test_objective_on_tiny_model_padded_equals_packed(name: str, make_model: Any
     padded.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+# the objectives' non-default settings must reach the loss (a dropped keyword would fall back to the default)
+CONFIGS = {"dpo": {"beta": 0.3, "variant": "robust", "label_smoothing": 0.2}, "simpo": {"beta": 4.0, "gamma": 0.7},
+           "orpo": {"lam": 0.5}, "asft": {"lam": 0.4, "beta": 0.35}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_objective_uses_its_config_and_does_not_average_a_single_pair_away(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    obj, default = make(name, **CONFIGS[name]), make(name)
+    one = SeqLogps(LP.sum[:2], LP.count[:2])
+    ref = SeqLogps(REF.sum[:2], REF.count[:2]) if name == "dpo" else None
+    loss, metrics = run_objective(obj, one, 1, 1, monkeypatch, ref=ref)
+    want = pure(name, obj.cfg, one, ref).item()  # one pair, one item in the step: the pair's own loss
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert want != pytest.approx(pure(name, default.cfg, one, ref).item(), rel=1e-3)  # the config changes it
+    if name == "asft":  # ASFT's absolute-likelihood term is reported on its own
+        c, r = one.mean[0], one.mean[1]
+        b = CONFIGS["asft"]["beta"]
+        align = nls(b * log_odds(c.item())) + nls(-b * log_odds(r.item()))  # -log s(b lo_c) - log s(-b lo_r)
+        assert metrics["align_loss"] == pytest.approx(align, rel=1e-5)
+        assert metrics["nll"] == pytest.approx(-c.item(), rel=1e-6)
+
+
+def test_dpo_error_messages_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"^unknown DPO variant 'kto' \(known: sigmoid, ipo, cdpo, robust, hinge\)$"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, variant="kto")
+    with pytest.raises(ValueError, match=r"^label_smoothing=0\.5 out of range for variant 'robust'$"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, variant="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"^label_smoothing is only used by variants cdpo and robust, not 'ipo'$"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, variant="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"^objective 'dpo' needs reference log-probs: pass `ref` \(the run's Reference\)$"):
+        run_objective(make("dpo"), LP, 3, 3, monkeypatch)

@@ -100,3 +100,32 @@ def test_label_logits_shapes(model: Any, packed_batch: dict[str, torch.Tensor]) 
     logits, labels = label_logits(model, packed_batch)
     n = int((packed_batch["labels"] != IGNORE).sum())
     assert logits.shape == (n, model.config.vocab_size) and labels.shape == (n,)
+
+
+def test_sft_objective_with_label_smoothing_and_one_token_steps(model: Any, sft_batch: dict[str, torch.Tensor]) -> None:
+    """label_smoothing reaches the loss (through the full-logits path); a step of one label token is not halved."""
+    sel = sft_batch["labels"] != IGNORE
+    with torch.no_grad():
+        logits = model(input_ids=sft_batch["input_ids"], attention_mask=sft_batch["attention_mask"], use_cache=False).logits[sel]
+    labels = sft_batch["labels"][sel]
+    n = int(sel.sum())
+    for eps in (0.0, 0.2):
+        obj = OBJECTIVES.get("sft")(SFTConfig(label_smoothing=eps))
+        with torch.no_grad():
+            loss, metrics = obj.loss(model, sft_batch, n)
+        # by hand: (1 - eps) * NLL + eps * mean over the vocabulary of -log p
+        lp = torch.log_softmax(logits.double(), -1)
+        want = ((1 - eps) * -lp.gather(1, labels[:, None]).squeeze(1) + eps * -lp.mean(-1)).sum() / n
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+        assert metrics == {"tokens": float(n)}
+    one = {**sft_batch, "labels": torch.full_like(sft_batch["labels"], IGNORE)}
+    row, col = sel.nonzero()[0].tolist()
+    one["labels"][row, col] = sft_batch["labels"][row, col]
+    for eps in (0.0, 0.2):
+        obj = OBJECTIVES.get("sft")(SFTConfig(label_smoothing=eps))
+        assert obj.num_items(one) == 1
+        with torch.no_grad():
+            loss, metrics = obj.loss(model, one, 1)
+        lp = torch.log_softmax(logits[0].double(), -1)
+        want = (1 - eps) * -lp[labels[0]] + eps * -lp.mean()
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5) and metrics == {"tokens": 1.0}

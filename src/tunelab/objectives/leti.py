@@ -49,5 +49,5 @@ class LeTI(Objective):
     def loss(self, model: Any, batch: Batch, num_items: int, ref: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         logits, labels = label_logits(model, batch)
         loss = sft_loss(logits, labels, num_items)
-        good = float(batch["reward"].float().mean()) if batch["reward"].numel() else 0.0
+        good = float(batch["reward"].float().mean())  # a batch always holds at least one unit
         return loss, {"tokens": float(labels.numel()), "good_fraction": good}
