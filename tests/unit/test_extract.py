@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import textwrap
 
 import pytest
 
@@ -135,7 +136,7 @@ def test_completion_mode_is_prompt_plus_cut_completion() -> None:
 
 
 def test_bad_mode() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^mode must be 'chat' or 'completion', got 'other'$"):
         extract_code("x", mode="other")  # type: ignore[arg-type]
 
 
@@ -150,3 +151,208 @@ def test_extracted_program_runs_in_the_sandbox() -> None:
                  extract_code(body + "\ndef junk(", prompt=PROMPT, mode="completion")):
         result = execute(code + test + f"check({EP})\n", timeout=5, memory_mb=256)
         assert result.passed, result.reason
+
+
+# --- fences: which blocks count ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lang, block", [
+    ("r", "x <- c(1, 2)"),  # one-letter tag; the R line even parses as Python (x < -c(1, 2))
+    ("bash", "pip install numpy"),
+    ("javascript", "const pair = () => [1, 2];"),
+])
+def test_other_language_block_is_never_taken_even_when_it_is_the_only_fence(lang: str, block: str) -> None:
+    answer = f"First:\n```{lang}\n{block}\n```\nIn Python:\n\ndef pair():\n    return [1, 2]\n"
+    assert extract_code(answer) == "def pair():\n    return [1, 2]\n"
+
+
+def test_untagged_fence_is_taken_even_without_a_def() -> None:
+    answer = "Run this:\n```\nn = int(input())\nprint(n * 2)\n```\nIt doubles n."
+    assert extract_code(answer) == "n = int(input())\nprint(n * 2)\n"
+
+
+@pytest.mark.parametrize("info", ['python title="double.py"', "Python3 {linenos=true}", "py  main.py", "python\tmain.py"])
+def test_language_is_the_first_word_of_the_info_string(info: str) -> None:
+    answer = f"```{info}\nn = int(input())\nprint(n * 2)\n```\nIt doubles n."
+    assert extract_code(answer) == "n = int(input())\nprint(n * 2)\n"
+
+
+def test_chosen_code_is_kept_verbatim_apart_from_surrounding_blank_lines() -> None:
+    # Only blank lines around the code go: indentation of the first line and trailing spaces are the model's own.
+    code = "  # -*- a leading indented comment -*-\ndef f():\n    return 1  "
+    assert extract_code(f"```python\n\n{code}\n\n```") == code + "\n"
+    # First and last characters are never clipped (a constant named X..., fenced or not).
+    program = "XMAS_DAY = 25\nprint(XMAS_DAY + 1)"
+    assert extract_code(f"```python\n{program}\n```") == program + "\n"
+    assert extract_code(f"\n\n{program}\n\n") == program + "\n"
+
+
+# --- several blocks: which one wins -----------------------------------------------------------------------------
+
+CHECK = (
+    "def check(candidate):\n"
+    "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) is True\n"
+    "    assert candidate([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) is False\n"
+    "    assert candidate([], 1.0) is False\n"
+    "    assert candidate([1.0, 1.0], 0.0) is False\n"
+)
+USAGE = "numbers = [1.0, 2.0, 3.9, 4.0, 5.0, 2.2]\nfor t in (0.05, 0.3, 1.0):\n    print(t, has_close_elements(numbers, t))\n"
+
+
+def test_entry_point_block_beats_a_longer_block_that_defines_something_else() -> None:
+    assert len(CHECK) > len(SOLUTION)
+    for answer in (f"```python\n{SOLUTION}```\nTests:\n```python\n{CHECK}```",
+                   f"Tests:\n```python\n{CHECK}```\nCode:\n```python\n{SOLUTION}```"):
+        assert extract_code(answer, entry_point=EP) == SOLUTION
+    assert extract_code(f"```python\n{SOLUTION}```\n```python\n{CHECK}```") == CHECK  # no entry point: longest
+
+
+def test_among_blocks_defining_the_entry_point_the_first_that_parses_wins() -> None:
+    signature = "def has_close_elements(numbers, threshold):\n"
+    answer = f"Signature:\n```python\n{signature}```\nImplementation:\n```python\n{SOLUTION}```\nAgain:\n```python\n{SOLUTION}# v2\n```"
+    assert extract_code(answer, entry_point=EP) == SOLUTION
+    # None parses: the first defining block is still taken (the sandbox reports its syntax error).
+    broken = "def has_close_elements(numbers, threshold):\n    return any(\n"
+    assert extract_code(f"```python\n{broken}```\n```python\n{signature}```", entry_point=EP) == broken
+
+
+def test_a_block_defining_something_beats_longer_plain_code() -> None:
+    defining = "from typing import List\n\n\ndef mean(xs: List[float]) -> float:\n    return sum(xs) / len(xs)\n"
+    assert len(USAGE) > len(defining)
+    assert extract_code(f"```python\n{USAGE}```\n```python\n{defining}```") == defining
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    # equally long defining blocks: the earlier one
+    ([("python", "def f():\n    return 1\n"), ("python", "def g():\n    return 2\n")], "def f():\n    return 1\n"),
+    # nothing defines a function: the longest block that parses; on a tie, the earlier one
+    ([("python", "this isn't code at all\n"), ("python", "x = 1\n"), ("", "values = [3, 1, 2]\nprint(sorted(values))\n")],
+     "values = [3, 1, 2]\nprint(sorted(values))\n"),
+    ([("python", "this isn't code\n"), ("python", "print(1)\n"), ("python", "print(2)\n")], "print(1)\n"),
+    # nothing parses: the first candidate, python-tagged blocks before untagged ones
+    ([("", "still isn't code\n"), ("python", "def f(:\n    pass\n"), ("py", "nor is this one\n")], "def f(:\n    pass\n"),
+])
+def test_block_choice_without_entry_point(blocks: list[tuple[str, str]], expected: str) -> None:
+    answer = "".join(f"Option {i}:\n```{lang}\n{code}```\n" for i, (lang, code) in enumerate(blocks))
+    assert extract_code(answer) == expected
+
+
+# --- no fence: cutting trailing prose ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer, expected", [
+    # the only cut point is right after the first line
+    ("def add(a, b): return a + b\nThis adds two numbers.", "def add(a, b): return a + b\n"),
+    # prose starting with a one-letter word
+    ("def add(a, b):\n    return a + b\n\nI tested it on a few inputs.", "def add(a, b):\n    return a + b\n"),
+    # a whitespace-only line before the prose goes with it
+    ("def add(a, b):\n    return a + b\n    \nThis adds.", "def add(a, b):\n    return a + b\n"),
+])
+def test_unfenced_trailing_prose_is_cut(answer: str, expected: str) -> None:
+    assert extract_code(answer) == expected
+
+
+# --- main guard -------------------------------------------------------------------------------------------------
+
+def test_main_guard_is_dropped_without_touching_its_neighbours() -> None:
+    guard = "if __name__ == '__main__':\n    print(has_close_elements([1.0], 0.5))\n"
+    # directly after the function, no blank line in between
+    assert extract_code(f"```python\n{SOLUTION}{guard}```", entry_point=EP) == SOLUTION
+    # in the middle: what follows the guard is kept
+    helper = "def helper():\n    return 1\n"
+    assert extract_code(f"```python\n{SOLUTION}{guard}{helper}```", entry_point=EP) == SOLUTION + helper
+
+
+# --- completing the answer from the prompt ----------------------------------------------------------------------
+
+def test_prompt_imports_are_copied_without_trailing_whitespace() -> None:
+    prompt = 'from typing import List   \n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n'
+    answer = "```python\ndef total(xs):\n    return sum(xs)\n```"
+    assert extract_code(answer, prompt=prompt, entry_point="total") == (
+        "from typing import List\n\ndef total(xs):\n    return sum(xs)\n")
+
+
+def test_helpers_and_imports_after_other_statements_are_all_prepended() -> None:
+    # HumanEval/32 shape: imports, then helpers, then the entry point's stub.
+    poly = ("def poly(xs: list, x: float):\n"
+            '    """Evaluates polynomial with coefficients xs at point x."""\n'
+            "    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])")
+    tolerance = "def tolerance() -> float:\n    return 1e-9"  # no docstring, a single constant return
+    prompt = (f"import math\nimport cmath\n\n\n{poly}\n\n\n{tolerance}\n\n\n"
+              'def find_zero(xs: list):\n    """Find x such that poly(x) = 0."""\n')
+    answer = "def find_zero(xs):\n    return 0.0\n"
+    code = extract_code(f"```python\n{answer}```", prompt=prompt, entry_point="find_zero")
+    assert code == f"import math\nimport cmath\n\n{poly}\n\n{tolerance}\n\n\n{answer}"
+
+
+def test_prompt_stubs_are_not_copied() -> None:
+    prompt = ('def is_prime(n: int) -> bool:\n    """True if n is prime."""\n\n\n'
+              'def count_primes(n: int) -> int:\n    """Number of primes below n."""\n')
+    answer = "```python\ndef count_primes(n):\n    return sum(all(k % d for d in range(2, k)) for k in range(2, n))\n```"
+    code = extract_code(answer, prompt=prompt, entry_point="count_primes")
+    assert code == "def count_primes(n):\n    return sum(all(k % d for d in range(2, k)) for k in range(2, n))\n"
+
+
+def test_helper_defined_anywhere_in_the_answer_is_not_duplicated() -> None:
+    prompt = ('def encode_cyclic(s: str):\n    """Helper."""\n    return s[::-1]\n\n\n'
+              'def decode_cyclic(s: str):\n    """Inverse of encode_cyclic."""\n')
+    answer = "def decode_cyclic(s):\n    return encode_cyclic(s)\n\n\ndef encode_cyclic(s):\n    return s[::-1]\n"
+    assert extract_code(f"```python\n{answer}```", prompt=prompt, entry_point="decode_cyclic") == answer
+
+
+def test_decorated_helper_is_copied_with_its_decorators() -> None:
+    point = ("@total_ordering\n@dataclass(frozen=True)\nclass Point:\n    x: int\n    y: int\n\n"
+             "    def __lt__(self, other):\n        return (self.x, self.y) < (other.x, other.y)")
+    prompt = (f"from dataclasses import dataclass\nfrom functools import total_ordering\n\n\n{point}\n\n\n"
+              'def lowest(points: list) -> Point:\n    """The smallest point."""\n')
+    answer = "def lowest(points):\n    return min(points)\n"
+    code = extract_code(f"```python\n{answer}```", prompt=prompt, entry_point="lowest")
+    assert code == f"from dataclasses import dataclass\nfrom functools import total_ordering\n\n{point}\n\n\n{answer}"
+
+
+def test_entry_point_is_never_copied_from_the_prompt() -> None:
+    # A class entry point with a body in the prompt: an answer that lacks it gets no credit from the prompt's code.
+    prompt = 'class Stack:\n    """A LIFO stack: implement push and pop."""\n\n    def __init__(self):\n        self.items = []\n'
+    answer = "```python\nclass LifoStack:\n    pass\n```"
+    assert extract_code(answer, prompt=prompt, entry_point="Stack") == "class LifoStack:\n    pass\n"
+
+
+# --- body-only answers ------------------------------------------------------------------------------------------
+
+BODY = "    s = sorted(numbers)\n    return any(b - a < threshold for a, b in zip(s, s[1:]))\n"
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (f"```python\n{BODY}```", PROMPT + BODY),  # fenced: dedented, then indented again under the signature
+    (f"```python\n{textwrap.dedent(BODY)}```", PROMPT + BODY),
+    (f"{BODY}\nSorting first makes it O(n log n).", PROMPT + BODY),  # unfenced, already indented: kept, prose cut
+    (f"{textwrap.dedent(BODY)}\nSorting first makes it O(n log n).", PROMPT + BODY),  # unindented: cut, then indented
+    (f"   \n{textwrap.dedent(BODY)}\nSorting first.", PROMPT + "   \n" + BODY),  # ... after a line of stray spaces
+])
+def test_body_only_answer_is_put_under_the_prompt_signature(answer: str, expected: str) -> None:
+    assert extract_code(answer, prompt=PROMPT, entry_point=EP) == expected
+
+
+def test_body_only_answer_broken_is_left_for_the_sandbox_to_report() -> None:
+    # The prompt is never cut into, and a fenced answer is never cut at all (cutting would change the program).
+    broken = "    return any(abs(a - b) < threshold for a in numbers\n"
+    assert extract_code(broken, prompt=PROMPT, entry_point=EP) == PROMPT + broken
+    fenced = "for a in numbers:\n    if a > threshold:\n        return True\nreturn False if\n"
+    assert extract_code(f"```python\n{fenced}```", prompt=PROMPT, entry_point=EP) == PROMPT + textwrap.indent(fenced, "    ")
+
+
+def test_empty_answer_gives_the_prompt_stub() -> None:
+    for answer in ("", "\n\n", "  \n"):
+        assert extract_code(answer, prompt=PROMPT, entry_point=EP) == PROMPT
+
+
+def test_prompt_without_final_newline_gets_one_before_the_body() -> None:
+    prompt = 'def double(x):\n    """Return x doubled."""'
+    assert extract_code("```python\nreturn 2 * x\n```", prompt=prompt, entry_point="double") == (
+        'def double(x):\n    """Return x doubled."""\n    return 2 * x\n')
+
+
+# --- completion mode --------------------------------------------------------------------------------------------
+
+def test_completion_is_cut_at_the_first_of_repeated_stops() -> None:
+    completion = "    return True\n\n\ndef a():\n    pass\n\n\ndef b():\n    pass\n"
+    assert extract_code(completion, prompt=PROMPT, mode="completion") == PROMPT + "    return True\n\n"
+    assert extract_code(f"{SOLUTION}[DONE]\nx = 1\n[DONE]\n") == SOLUTION

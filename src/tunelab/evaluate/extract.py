@@ -60,7 +60,7 @@ def _fenced_blocks(text: str) -> list[_Block]:
     while i < len(lines):
         stripped = lines[i].strip()
         if stripped.startswith("```"):
-            lang = stripped[3:].strip().split(" ")[0].lower() if stripped[3:].strip() else ""
+            lang = stripped[3:].split()[0].lower() if stripped[3:].strip() else ""  # the info string's first word
             body: list[str] = []
             i += 1
             # An unclosed fence (generation hit its token limit) runs to the end of the text.
