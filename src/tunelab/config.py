@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,8 +162,21 @@ def _section_class(cls: type[BaseModel], key: str, value: Any) -> type[BaseModel
         reg, default = (METHODS, "lora") if key == "method" else (OBJECTIVES, "sft")
         name = value.get("name", default) if isinstance(value, dict) else None
         return reg.config_class(name) if name in reg else None
+    if key == "task" and _is_online(cls):  # an objective's online rollout task (objectives/_online.py)
+        from tunelab.evaluate.tasks import TASKS
+
+        name = value.get("name") if isinstance(value, dict) else None
+        return TASKS.config_class(name) if name in TASKS else None
     ann = cls.model_fields[key].annotation
+    if value is not None and typing.get_origin(ann) in (typing.Union, types.UnionType):  # an optional section: X | None
+        ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _is_online(cls: type[BaseModel]) -> bool:
+    from tunelab.objectives._online import OnlineConfig
+
+    return cls is OnlineConfig
 
 
 def check_keys(cls: type[BaseModel], data: Any, prefix: str = "") -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -82,27 +83,36 @@ class Registry(Generic[T]):
         """Name, one-line summary and fields (type, default, description) for `tunelab list`."""
         obj = self.get(name)
         doc = (obj.__doc__ or (importlib.import_module(obj.__module__).__doc__ or "")).strip()  # type: ignore[attr-defined]
-        fields = {}
-        for fname, f in obj.Config.model_fields.items():  # type: ignore[attr-defined]
-            if fname == "name":
-                continue
-            default = None if f.is_required() else f.get_default(call_default_factory=True)
-            fields[fname] = {
-                "type": _type_name(f.annotation),
-                "default": default,
-                "required": f.is_required(),
-                "help": f.description or "",
-            }
-        return {"name": name, "summary": doc.split("\n\n")[0].replace("\n", " "), "fields": fields}
+        return {"name": name, "summary": doc.split("\n\n")[0].replace("\n", " "), "fields": _fields(obj.Config)}  # type: ignore[attr-defined]
+
+
+def _fields(config: type[BaseModel], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every field, with a nested section's own fields after it as `section.field` (e.g. dpo's online.every)."""
+    from typing import get_args
+
+    out: dict[str, dict[str, Any]] = {}
+    for fname, f in config.model_fields.items():
+        if fname == "name" and not prefix:
+            continue
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        out[prefix + fname] = {"type": _type_name(f.annotation), "default": default, "required": f.is_required(),
+                               "help": f.description or ""}
+        nested = [a for a in (f.annotation, *get_args(f.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)
+                  and a is not BaseModel]
+        if nested:
+            out.update(_fields(nested[0], f"{prefix}{fname}."))
+    return out
 
 
 def _type_name(annotation: Any) -> str:
     from typing import Literal, get_args, get_origin
 
+    if annotation is BaseModel:  # a plugin section of its own (e.g. a task), keyed by name
+        return "{name: ..., <its fields>}"
     if get_origin(annotation) is Literal:
         return "|".join(str(a) for a in get_args(annotation))
     s = str(annotation) if get_args(annotation) else getattr(annotation, "__name__", str(annotation))
-    return s.replace("typing.", "")
+    return re.sub(r"\b(?:[a-z_][\w]*\.)+(?=[A-Za-z_])", "", s)  # module paths off: tunelab.x.OnlineConfig -> OnlineConfig
 
 
 def load_plugins(package_name: str, package_path: list[str]) -> None:

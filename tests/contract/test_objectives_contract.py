@@ -101,8 +101,24 @@ def test_defaults_validate_and_flags(name: str) -> None:
     assert cls.Config.model_validate(cfg.model_dump()) == cfg
     get_batcher(cls.batch_format)  # the data stage has a batcher for the declared format
     assert cls.loss_items in ("tokens", "units")
-    assert isinstance(cls.needs_reference, bool) and isinstance(cls.needs_generation, bool)
+    assert isinstance(cls.needs_reference, bool)
+    assert cls(cfg).online is None  # defaults train on data.train
     assert OBJECTIVES.describe(name)["summary"]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "online" in OBJECTIVES.get(n).Config.model_fields])
+def test_an_online_field_reaches_the_loop(name: str) -> None:
+    """An objective whose config has `online` must expose it (the loop reads `Objective.online`, and would
+    otherwise train on data.train without a word) and must turn judged samples into rows."""
+    from tunelab.evaluate.tasks import TASKS
+
+    cls = OBJECTIVES.get(name)
+    cfg = cls.Config.model_validate({"name": name, "online": {"task": {"name": "codetasks", "path": "builtin:code_instructions"}}})
+    obj = cls(cfg)
+    assert obj.online is cfg.online  # type: ignore[attr-defined]
+    task = TASKS.get("codetasks")(cfg.online.task)  # type: ignore[attr-defined]
+    rows, counts = obj.rollout_rows(task, [], [])
+    assert rows == [] and isinstance(counts, dict)
 
 
 def test_registry_names_match_files() -> None:

@@ -65,7 +65,7 @@ def _fit_length(unit: Unit, cfg: DataConfig, out: TokenizedSet) -> Unit | None:
     return unit
 
 
-def _tokenize(source: str, tok: Any, cfg: DataConfig, split: str, batch_format: str = "sft") -> TokenizedSet:
+def tokenize(source: str, tok: Any, cfg: DataConfig, split: str, batch_format: str = "sft") -> TokenizedSet:
     batcher = get_batcher(batch_format)
     ctx = EncodeContext(tok, cfg, resolve_template(tok, cfg.template))
     out = TokenizedSet([], source)
@@ -108,7 +108,7 @@ def tokenize_cached(source: str, tok: Any, cfg: DataConfig, split: str = "train"
             return torch.load(path, weights_only=False)
         except Exception:
             path.unlink(missing_ok=True)  # corrupt cache: rebuild
-    out = _tokenize(source, tok, cfg, split, batch_format)
+    out = tokenize(source, tok, cfg, split, batch_format)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(out, tmp)
@@ -213,15 +213,18 @@ def token_groups(shapes: list[tuple[int, int]], budget: int) -> list[list[int]]:
 
 @dataclass
 class DataBundle:
-    train: Batches
+    train: Batches | None  # None in an online run until its first round of rollouts (train/rollouts.py)
     valid: Batches | None
     stats: dict[str, Any]
 
 
 def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_format: str = "sft",
-               batch_tokens: int | None = None) -> DataBundle:
+               batch_tokens: int | None = None, *, online: bool = False) -> DataBundle:
     """Tokenised, batched train (and validation) data in the shape the objective declared; `batch_tokens`
-    sizes micro-batches by tokens instead of rows (see Batches)."""
+    sizes micro-batches by tokens instead of rows (see Batches). `online`: the objective trains on rollouts drawn
+    during training (train/rollouts.py), so there is no training set here, only `data.valid` if given."""
+    if online:
+        return _online_data(cfg, tok, batch_size, seed, batch_format, batch_tokens)
     if not cfg.train:
         raise UserError("data.train is not set: give a JSONL/JSON/CSV/Parquet file, a saved dataset dir or builtin:NAME")
     train = tokenize_cached(cfg.train, tok, cfg, cfg.split, batch_format)
@@ -245,3 +248,14 @@ def build_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_form
         "batch_format": batch_format, **{f"dropped_{k}": v for k, v in train.dropped_other.items()},
     }
     return DataBundle(tb, vb, stats)
+
+
+def _online_data(cfg: DataConfig, tok: Any, batch_size: int, seed: int, batch_format: str, batch_tokens: int | None) -> DataBundle:
+    if cfg.train:
+        raise UserError("data.train is set, but objective.online draws the training rows from the model during training: "
+                        "remove data.train (data.valid may name validation rows in the objective's format)")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    valid = tokenize_cached(cfg.valid, tok, cfg, "validation", batch_format).samples if cfg.valid else []
+    vb = (Batches(valid, batch_size, cfg.max_length, cfg.packing, pad, seed, shuffle=False, batcher=get_batcher(batch_format),
+                  batch_tokens=batch_tokens) if valid else None)
+    return DataBundle(None, vb, {"train_source": "online rollouts", "valid_samples": len(valid), "batch_format": batch_format})

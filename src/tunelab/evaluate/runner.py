@@ -92,9 +92,11 @@ class _Collector:
             self.done_problems += 1
 
 
-def run_task(engine: Engine, task: Task, out_dir: Path, *, label: str, quiet: bool = False) -> dict[str, Any]:
+def run_task(engine: Engine, task: Task, out_dir: Path, *, label: str, quiet: bool = False,
+             problems: list[Problem] | None = None) -> dict[str, Any]:
+    """Generate, judge and write one task's samples and summary; `problems`: a subset (default: the task's own)."""
     t0 = time.perf_counter()
-    problems = task.problems()
+    problems = task.problems() if problems is None else problems
     if not problems:
         raise UserError(f"task '{task.name}': no problems to evaluate (check limit/split/path)")
     prompts = [task.prompt(p) for p in problems]

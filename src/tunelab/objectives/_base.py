@@ -22,6 +22,8 @@ import torch
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from tunelab.evaluate.tasks._base import Problem, Task
+    from tunelab.objectives._online import OnlineConfig
     from tunelab.train.reference import Reference
 
 #: a batcher name (`tunelab.data.batching`: one file per format), so a new data shape is one new batcher file
@@ -52,8 +54,6 @@ class Objective:
     batch_format: ClassVar[BatchFormat] = "sft"
     #: the loss needs reference-model log-probs (the loop builds a `Reference` and passes it as `ref`)
     needs_reference: ClassVar[bool] = False
-    #: the objective samples from the model during training (online); the loop refuses it until supported
-    needs_generation: ClassVar[bool] = False
     #: what the loss is averaged over: label tokens (token-level LM losses) or units (pairs, groups, samples)
     loss_items: ClassVar[Literal["tokens", "units"]] = "units"
     #: accumulating micro-batches with the step's `num_items` gives exactly one big batch's loss; False for
@@ -81,6 +81,17 @@ class Objective:
         """Once per run, before the first step (and again on resume): precompute what the loss needs from models
         other than the one being trained (e.g. a teacher's distributions). Work must be cached so a resumed run
         does not redo it. Default: nothing."""
+
+    @property
+    def online(self) -> OnlineConfig | None:
+        """Set when the objective trains on rollouts drawn from the model during training (`objectives/_online.py`):
+        the loop then takes its training batches from `train/rollouts.py`, not from `data.train`."""
+        return None
+
+    def rollout_rows(self, task: Task, problems: list[Problem], samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Training rows in this objective's `batch_format` from one round of judged samples (the evaluation
+        runner's samples.jsonl rows), and counts of what happened. Needed only when `online` is set."""
+        raise NotImplementedError(f"objective '{self.cfg.name}' has no online mode")  # type: ignore[attr-defined]
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called by the loop before each optimizer step (0-based) for schedules inside an objective."""

@@ -44,6 +44,7 @@ from tunelab.train.engine import make_engine
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import TrainProgress
 from tunelab.train.reference import AdapterOffReference
+from tunelab.train.rollouts import Rollouts, no_rows_error
 from tunelab.train.rundir import MetricsLog, prepare
 
 
@@ -197,11 +198,12 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
         acc.init_trackers("tb", config={"run": str(run_dir)})  # accelerate writes from the main process only
     launcher = os.getppid() if dist.world > 1 else None
 
-    dist.from_main(lambda: _check_sandbox(cfg))  # before any training: an evaluation refused later is refused now
     method = METHODS.get(cfg.method.name)(cfg.method)  # type: ignore[attr-defined]
     objective = OBJECTIVES.get(cfg.objective.name)(cfg.objective)  # type: ignore[attr-defined]
-    if objective.needs_generation:
-        raise NotImplementedError(f"objective '{cfg.objective.name}' samples during training, which the loop does not support yet")  # type: ignore[attr-defined]
+    online = objective.online  # training rows drawn from the model during training (train/rollouts.py)
+    dist.from_main(lambda: _check_sandbox(cfg, online))  # before any training: an evaluation refused later is refused now
+    if online is not None:
+        _check_online(cfg, method)
     # sharded: only the main process reads the weights; the others build a meta-device skeleton it fills later
     skeletons = tc.fsdp and dist.world > 1 and not objective.prepare_reads_weights
     with dist.main_first():  # the main process fills the caches (converted weights, tokenised data), then the rest read
@@ -227,12 +229,13 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
         print(f"note: objective '{cfg.objective.name}' uses a per-micro-batch statistic, so train.grad_accum="  # type: ignore[attr-defined]
               f"{tc.grad_accum} is not the same as one batch {tc.grad_accum}x larger (see its docstring)", file=sys.stderr)
     with dist.main_first():
-        data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format, tc.batch_tokens)
+        data = build_data(cfg.data, tok, tc.batch_size, tc.seed, objective.batch_format, tc.batch_tokens, online=online is not None)
         ref = _precomputed_reference(cfg, method, objective, model, data, acc, quiet)  # base weights: before apply
-        objective.prepare(_prepare_context(cfg, data, acc, quiet, model))
+        objective.prepare(_prepare_context(cfg, data, acc, quiet, model, objective, tok))
+    rollouts = (Rollouts(objective, tok, cfg.data, run_dir, batch_size=tc.batch_size, batch_tokens=tc.batch_tokens, seed=tc.seed)
+                if online is not None else None)
     micro_per_step = tc.grad_accum * dist.world
-    steps_per_epoch = math.ceil(len(data.train) / micro_per_step)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * math.ceil(len(data.train) / micro_per_step)))  # type: ignore[arg-type]
     method.total_steps = total_steps
     if method.calibration_batches:
         method.prepare(model, _calibration(data, method.calibration_batches, acc.device))
@@ -285,7 +288,10 @@ def _train(cfg: RunConfig, acc: Any, dist: Dist, run_dir: Path, resuming: bool, 
     interrupted = False
     with _StopFlag() as stop, progress:
         while state.step < total_steps:
-            t0 = time.perf_counter()
+            if rollouts is not None and (data.train is None or state.step % rollouts.every == 0):
+                data.train = _rollout_round(rollouts, engine, model, state, log)
+                order_cache.clear()
+            t0 = time.perf_counter()  # training time only: a round's sampling and judging is logged with the round
             positions = [_next_position(data.train, state) for _ in range(micro_per_step)]
             micro = [_collate(data.train, pos, order_cache) for pos in dist.shard(positions)]
             # the objective normalises by the whole step's loss items, over all ranks
@@ -357,14 +363,36 @@ def _check_engine(acc: Any) -> None:
             "optimizer state (FSDP2). DeepSpeed ZeRO is not supported")
 
 
-def _check_sandbox(cfg: RunConfig) -> None:
+def _check_sandbox(cfg: RunConfig, online: Any) -> None:
     from tunelab.evaluate.sandbox import allow_weak_isolation, check_isolation
     from tunelab.evaluate.tasks import TASKS
 
     if cfg.eval.allow_weak_sandbox:
         allow_weak_isolation()
-    if any(TASKS.get(t.name).executes_code for t in cfg.eval.tasks):  # type: ignore[attr-defined]
+    if online is not None or any(TASKS.get(t.name).executes_code for t in cfg.eval.tasks):  # type: ignore[attr-defined]
         check_isolation()
+
+
+def _check_online(cfg: RunConfig, method: Any) -> None:
+    """What an online run cannot do, refused before any work."""
+    if not cfg.train.max_steps:
+        raise UserError("objective.online: set train.max_steps (an online run has no fixed training set to count epochs over)")
+    if method.calibration_batches:
+        raise NotImplementedError(f"objective.online with method '{cfg.method.name}': the method calibrates on training batches before tuning, and an online run has none yet")  # type: ignore[attr-defined]
+
+
+def _rollout_round(rollouts: Rollouts, engine: Any, model: Any, state: ckpt.LoopState, log: MetricsLog) -> Batches:
+    """The batches of the round that step `state.step` belongs to: drawn now at a round's first step (or read back
+    if a killed run already drew it), read back when resuming in the middle of a round."""
+    r, start = rollouts.round_of(state.step), state.step % rollouts.every == 0
+    if start:
+        state.epoch, state.micro = 0, 0  # a round's micro-batches start at its first
+    stats = engine.on_whole_model(model, lambda m: rollouts.draw(r, m, may_sample=start))
+    if not stats["rows"]:
+        raise no_rows_error(stats)
+    if start:  # logged with the first step trained on it, so a resume from this step redoes the line
+        log.write({"step": state.step + 1, **{f"rollout/{k}": v for k, v in stats.items() if k != "reused"}})
+    return rollouts.batches(r)
 
 
 def _calibration(data: Any, n: int, device: Any) -> list[dict[str, torch.Tensor]]:
@@ -393,6 +421,11 @@ def _precomputed_reference(cfg: RunConfig, method: Any, objective: Any, model: A
         if not method.can_disable:
             raise UserError(f"train.reference=adapter: method '{cfg.method.name}' cannot switch itself off; use precomputed or auto")  # type: ignore[attr-defined]
         return None
+    if objective.online is not None:
+        why = "train.reference=precomputed" if method.can_disable else f"method '{cfg.method.name}' cannot switch itself off"  # type: ignore[attr-defined]
+        raise UserError(f"objective.online needs the adapter-off reference (train.reference adapter or auto, with a method that can "
+                        f"switch itself off such as lora), but {why}: the reference log-probs of rows drawn during training "
+                        "cannot be precomputed")
     from tunelab.models.presets import cache_dir
     from tunelab.train.reference import cache_key, precompute
 
@@ -406,12 +439,15 @@ def _precomputed_reference(cfg: RunConfig, method: Any, objective: Any, model: A
         )
 
 
-def _prepare_context(cfg: RunConfig, data: Any, acc: Any, quiet: bool, model: Any) -> Any:
+def _prepare_context(cfg: RunConfig, data: Any, acc: Any, quiet: bool, model: Any, objective: Any, tok: Any) -> Any:
+    from tunelab.data.batching import get_batcher
     from tunelab.models.presets import cache_dir
     from tunelab.objectives._base import PrepareContext
 
-    units = data.train.samples + (data.valid.samples if data.valid else [])
-    return PrepareContext(units, data.train.batcher, data.train.pad_id, acc.device, acc.autocast, cfg.train.batch_size,
+    # an online run has no training set yet (its rows are drawn during training): only validation units, if any
+    units = (data.train.samples if data.train else []) + (data.valid.samples if data.valid else [])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return PrepareContext(units, get_batcher(objective.batch_format), pad, acc.device, acc.autocast, cfg.train.batch_size,
                           cache_dir() / "objectives", quiet, model)
 
 

@@ -1,7 +1,8 @@
 """Prompts alone (`prompt`: a string or messages), for objectives that generate their own completions.
 
 A unit is the prompt rendered with the generation prompt and no labels; `collate` left-pads, as generation
-wants. Nothing in tunelab trains on this format yet (online objectives refuse to run; see `needs_generation`).
+wants. Nothing in tunelab trains on this format yet: online objectives (`Objective.online`) draw their prompts
+from a task's problems and train on the judged rollouts in their own format (train/rollouts.py).
 """
 
 from __future__ import annotations
