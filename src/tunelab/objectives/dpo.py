@@ -11,6 +11,10 @@ variant sigmoid, label_smoothing (eps) 0. Deviations: for `ipo` the objective fe
 tau values assume it), so the ipo rewards/logps metrics are per-token too; TRL's DPO `sigmoid` ignores
 label smoothing, so label-smoothed DPO is the separate `cdpo` variant here, and a non-zero label_smoothing
 with sigmoid/ipo/hinge is rejected rather than silently ignored.
+
+`online` makes it online DPO: the pairs come from the policy's own samples drawn during training every `every`
+steps and judged by execution (see objectives/_online.py and train/rollouts.py), with the reference model being
+the base weights (the adapter switched off), as in online/iterative DPO where pi_ref stays the initial policy.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives._base import Batch, Objective
 from tunelab.objectives._logprobs import SeqLogps, sequence_logps
+from tunelab.objectives._online import OnlineConfig
 from tunelab.objectives._pairwise import pair_metrics, split_pairs
 
 if TYPE_CHECKING:
+    from tunelab.evaluate.tasks._base import Problem, Task
     from tunelab.train.reference import Reference
 
 Variant = Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"]
@@ -46,6 +52,9 @@ class DPOConfig(BaseModel):
     label_smoothing: float = Field(
         0.0, ge=0, le=0.5, description="assumed label-flip rate eps, used only by cdpo (<= 0.5) and robust (< 0.5)"
     )
+    online: OnlineConfig | None = Field(
+        None, description="train on pairs from the model's own samples, judged by a code task, drawn every N steps "
+        "during training (online DPO; objectives/_online.py); data.train is then not used")
 
     @model_validator(mode="after")
     def _check_smoothing(self) -> DPOConfig:
@@ -126,6 +135,17 @@ class DPO(Objective):
             pc, pr, rc, rr, beta=cfg.beta, variant=cfg.variant, label_smoothing=cfg.label_smoothing
         )
         return losses.sum() / max(num_items, 1), metrics
+
+    @property
+    def online(self) -> OnlineConfig | None:
+        return self.cfg.online  # type: ignore[attr-defined]
+
+    def rollout_rows(self, task: Task, problems: list[Problem], samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """A passing sample as chosen, a failing one as rejected (the reference solution where none passes)."""
+        from tunelab.data.build_pairs import pairs_from_samples
+
+        spec: OnlineConfig = self.cfg.online  # type: ignore[attr-defined]
+        return pairs_from_samples(task, problems, samples, per_problem=spec.per_problem, reference_chosen=spec.reference_chosen)
 
     def _inputs(self, policy: SeqLogps, reference: SeqLogps, num_pairs: int) -> tuple[torch.Tensor, ...]:
         """(policy chosen, policy rejected, ref chosen, ref rejected): summed, or per-token means for ipo."""

@@ -4,7 +4,8 @@ run the candidate plus its tests in the sandbox, report the unbiased pass@k.
 One JSON object per line: `prompt` (the task text, or a signature + docstring to continue in completion
 mode; a chat row's first user turn when it has `messages` instead, as tunelab's `builtin:` sets do), `tests` (a list of assert statements, or one string of test code; a string that defines
 `check(candidate)` gets `check(<entry_point>)` appended, as in HumanEval), `entry_point` (the function
-under test), optional `setup` (code the sandbox runs first) and optional `id` (default: the line number).
+under test), optional `setup` (code the sandbox runs first), optional `reference` (a known-correct solution; a
+chat row's assistant answer gives it from its first code block) and optional `id` (default: the line number).
 A malformed row is an error naming file:line, before any generation starts.
 """
 
@@ -29,6 +30,7 @@ from tunelab.evaluate.tasks._base import (
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DEFINES_CHECK = re.compile(r"^def check\(", re.MULTILINE)
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)  # a chat row's answer: its first code block
 
 
 class CodeTasksConfig(TaskConfig):
@@ -38,8 +40,12 @@ class CodeTasksConfig(TaskConfig):
 
 def _problem(row: dict[str, Any], where: str, lineno: int) -> Problem:
     if "prompt" not in row and isinstance(row.get("messages"), list):  # a chat row (tunelab's builtin sets)
-        user = next((m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"), None)
-        row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": user}
+        turns = [m for m in row["messages"] if isinstance(m, dict)]
+        user = next((m.get("content") for m in turns if m.get("role") == "user"), None)
+        answer = next((m.get("content") for m in turns if m.get("role") == "assistant"), None)
+        fenced = _FENCE.search(answer) if isinstance(answer, str) else None
+        row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": user,
+               **({"reference": fenced.group(1)} if fenced and "reference" not in row else {})}
     missing = [k for k in ("prompt", "tests", "entry_point") if k not in row]
     if missing:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)} (need prompt, tests, entry_point)")
@@ -58,12 +64,16 @@ def _problem(row: dict[str, Any], where: str, lineno: int) -> Problem:
         raise UserError(f"{where}: 'tests' must be a list of assert strings or a string of test code")
     if setup is not None and not isinstance(setup, str):
         raise UserError(f"{where}: 'setup' must be a string of Python code")
+    reference = row.get("reference")
+    if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+        raise UserError(f"{where}: 'reference' must be a non-empty string of code (a known-correct solution)")
     pid = row.get("id", lineno)
     if not isinstance(pid, str | int):
         raise UserError(f"{where}: 'id' must be a string or an integer")
-    extra = sorted(set(row) - {"prompt", "tests", "entry_point", "setup", "id"})
+    extra = sorted(set(row) - {"prompt", "tests", "entry_point", "setup", "id", "reference"})
     meta = {k: row[k] for k in extra}
-    return Problem(id=str(pid), prompt=prompt, tests=code, entry_point=entry, setup=setup or None, meta=meta)
+    return Problem(id=str(pid), prompt=prompt, tests=code, entry_point=entry, setup=setup or None, meta=meta,
+                   reference=reference)
 
 
 @TASKS.register("codetasks")
