@@ -112,6 +112,8 @@ def test_rounds_are_drawn_logged_and_trained_on(runs: dict[str, Any]) -> None:
     r1 = {s["problem_id"] for s in map(json.loads, (a / "rollouts/round-00001/samples.jsonl").read_text().splitlines())}
     assert not r0 & r1  # a pass over the problems never repeats one
     assert runs["a"].summary["data"]["train_source"] == "online rollouts"
+    report = (a / "report.html").read_text()
+    assert 'alt="Rollouts plot"' in report and "could not render" not in report
 
 
 def test_stopped_and_resumed_twice_equals_uninterrupted(runs: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -175,3 +176,103 @@ def test_real_model_predicts_our_labels() -> None:
     assert loss["packed"] < 1.5, loss
     assert loss["padded"] == pytest.approx(loss["packed"], abs=1e-4)
     assert loss["wrong"] > 5 * loss["packed"]
+
+
+# ----------------------------------------------------------------- template choice, fallback, from_turn, BOS/EOS
+
+
+def _adds_bos(tok: Any) -> int:
+    """Make `tok` prepend a BOS token when asked for special tokens (as Llama-style tokenizers do); SmolLM2's adds
+    none, so without this a doubled BOS could never show."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                       special_tokens=[("<|endoftext|>", bos)])
+    assert tok("hi")["input_ids"][0] == bos != tok("hi", add_special_tokens=False)["input_ids"][0]
+    return bos
+
+
+def test_auto_template_follows_the_tokenizer(fresh_tok: Any) -> None:
+    from tunelab.data.templating import has_chat_template, resolve_template
+
+    assert [resolve_template(fresh_tok, t) for t in ("auto", "chat", "raw")] == ["chat", "chat", "raw"]
+    fresh_tok.chat_template = None
+    assert [resolve_template(fresh_tok, t) for t in ("auto", "chat", "raw")] == ["raw", "chat", "raw"]
+    assert not has_chat_template(object())  # a tokenizer class without the attribute at all
+
+
+def test_a_tokenizer_without_a_chat_template_gets_the_fallback(fresh_tok: Any) -> None:
+    from tunelab.data.templating import render
+
+    fresh_tok.chat_template = None
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there"}]
+    eos = fresh_tok.eos_token
+    assert render(fresh_tok, msgs) == f"<|user|>\nSay hi.\n<|assistant|>\nhi there{eos}\n"
+    assert render(fresh_tok, msgs[:1], add_generation_prompt=True) == "<|user|>\nSay hi.\n<|assistant|>\n"
+    enc = enc_row(fresh_tok, {"messages": msgs})
+    assert labelled_spans(fresh_tok, enc) == ["hi there" + eos]
+
+
+def test_from_turn_labels_only_turns_at_or_after_it(tok: Any) -> None:
+    """A preference pair's completion starts at message `from_turn`: earlier assistant turns are prompt."""
+    a1, a2 = "def add(a, b):\n    return a + b", "def sub(a, b):\n    return a - b"
+    want = {0: [a1, a2], 2: [a1, a2], 3: [a2], 4: [a2], 5: []}  # MULTI's assistant turns are messages 2 and 4
+    for turn, answers in want.items():
+        chat = enc_row(tok, MULTI, from_turn=turn)
+        assert labelled_spans(tok, chat) == [a + IM_END for a in answers], turn
+        raw = enc_row(tok, MULTI, template="raw", from_turn=turn)
+        assert labelled_spans(tok, raw) == [a + tok.eos_token for a in answers], turn
+
+
+def test_last_turn_with_three_answers(tok: Any) -> None:
+    row = {"messages": [m for i in range(3) for m in ({"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"})]}
+    assert labelled_spans(tok, enc_row(tok, row, loss_on="last_turn")) == ["a2" + IM_END]
+    assert labelled_spans(tok, enc_row(tok, row)) == [f"a{i}" + IM_END for i in range(3)]
+
+
+@pytest.mark.parametrize("template", ["model", "fallback"])
+def test_a_conversation_opening_with_the_answer_does_not_learn_the_template_preamble(fresh_tok: Any, template: str) -> None:
+    """A pair given as bare chosen/rejected answers has no prompt: the template still writes a default system
+    prompt and the assistant header before the answer, and those are not the model's to learn."""
+    if template == "fallback":
+        fresh_tok.chat_template = None
+    enc = enc_row(fresh_tok, {"messages": [{"role": "assistant", "content": "hello there"}]})
+    assert labelled_spans(fresh_tok, enc) == ["hello there" + fresh_tok.eos_token]
+    text = fresh_tok.decode(enc.input_ids)
+    assert text.endswith("hello there" + fresh_tok.eos_token + "\n")
+    assert ("SmolLM" in text) == (template == "model")  # the preamble is in the input, just not labelled
+
+
+def test_a_template_that_ends_a_whole_conversation_differently_is_refused(fresh_tok: Any) -> None:
+    """Here each prefix ends with a marker that a longer conversation does not have at that point: the assistant
+    turn's tokens would be found at the wrong place, so the row is refused with what to do."""
+    from tunelab.errors import UserError
+
+    fresh_tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if not add_generation_prompt %}[END]{% endif %}"
+    )
+    message = ("row: the model's chat template renders earlier turns differently once later turns are added, so "
+               "assistant tokens cannot be located; set data.template=raw or data.loss_on=all")
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        enc_row(fresh_tok, MULTI)
+
+
+def test_special_tokens_are_added_once(fresh_tok: Any) -> None:
+    """Chat mode: the template writes every special token itself, so the tokenizer adds none (no doubled BOS).
+    Raw mode: the tokenizer's BOS opens the text (once, not before each turn) and EOS ends every answer."""
+    bos = _adds_bos(fresh_tok)
+    chat = enc_row(fresh_tok, MULTI)
+    assert bos not in chat.input_ids
+    raw = enc_row(fresh_tok, MULTI, template="raw")
+    assert raw.input_ids[0] == bos and raw.input_ids.count(bos) == 1
+    text = enc_row(fresh_tok, {"text": "print(1)"})
+    assert text.input_ids[0] == bos and text.input_ids[-1] == fresh_tok.eos_token_id and text.input_ids.count(bos) == 1
+
+
+def test_raw_mode_without_an_eos_token(fresh_tok: Any) -> None:
+    fresh_tok.eos_token = None
+    assert fresh_tok.eos_token_id is None
+    enc = enc_row(fresh_tok, MULTI, template="raw")
+    assert None not in enc.input_ids
+    assert fresh_tok.decode(enc.input_ids) == SYSTEM + "Add two numbers." + "def add(a, b):\n    return a + b" + "Now subtract." + "def sub(a, b):\n    return a - b"

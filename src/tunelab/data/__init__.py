@@ -19,7 +19,7 @@ from tunelab.data.sources import read_rows, resolve
 from tunelab.data.templating import IGNORE, Encoded, resolve_template
 from tunelab.errors import UserError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: an assistant-first conversation's template preamble is no longer labelled
 
 
 @dataclass

@@ -8,6 +8,7 @@ A template that rewrites earlier turns (so a prefix does not render as a prefix)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +42,15 @@ def render(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool
     )
 
 
-def _assistant_spans(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tok: Any, ex: Example, loss_on: str, from_turn: int) -> tuple[str, list[tuple[int, int]]]:
     msgs = ex.messages or []
     full = render(tok, msgs)
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or i < from_turn:
             continue
-        before = render(tok, msgs[:i], add_generation_prompt=True) if i else ""
         upto = render(tok, msgs[: i + 1])
+        before = render(tok, msgs[:i], add_generation_prompt=True) if i else _opening(tok, m, upto)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise UserError(
                 f"{ex.location}: the model's chat template renders earlier turns differently once later turns are "
@@ -62,7 +63,14 @@ def _assistant_spans(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) ->
     return full, spans
 
 
-def _encode_chat(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> Encoded:
+def _opening(tok: Any, first: dict[str, str], upto: str) -> str:
+    """What a template writes before a conversation's first message when that message is the assistant's (a
+    default system prompt, the assistant header): not the model's to learn. A template cannot render an empty
+    conversation, so it is what the turn renders to with and without its content in common."""
+    return os.path.commonprefix([render(tok, [{**first, "content": ""}]), upto])
+
+
+def _encode_chat(tok: Any, ex: Example, loss_on: str, from_turn: int) -> Encoded:
     text, spans = _assistant_spans(tok, ex, loss_on, from_turn)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -75,7 +83,7 @@ def _encode_chat(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> Enc
     return Encoded(ids, labels)
 
 
-def _encode_raw(tok: Any, ex: Example, loss_on: str, from_turn: int = 0) -> Encoded:
+def _encode_raw(tok: Any, ex: Example, loss_on: str, from_turn: int) -> Encoded:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if ex.text is not None:
         ids = tok(ex.text, add_special_tokens=True)["input_ids"] + eos

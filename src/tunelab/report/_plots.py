@@ -48,6 +48,10 @@ def training_plots(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
         layers = [("tokens/s", tps, "line")]
         plots.append(("Throughput", _render("Throughput (real tokens/s)", "tokens/s", layers)))
     plots += objective_plots(train)
+    rollouts = series(rows, "rollout/sample_pass_rate")  # online runs: the policy's own samples, round by round
+    if rollouts[0]:
+        layers = [("pass rate of the round's samples", rollouts, "points")]
+        plots.append(("Rollouts", _render("Online rollouts: samples passing the task's tests", "pass rate", layers)))
     return plots
 
 
