@@ -105,8 +105,9 @@ def first_kl(
 def _fingerprint(name: str) -> list[Any]:
     """A local teacher's files (name, size, mtime), so a re-export at the same path is not a cache hit."""
     p = Path(name).expanduser()
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else []
-    stats = [(f.name, f.stat()) for f in files]
+    # a directory's files at any depth (weights may sit in a subfolder), named relative to it
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    stats = [(str(f.relative_to(p)) if f != p else f.name, f.stat()) for f in files]
     return [[n, st.st_size, st.st_mtime_ns] for n, st in stats]
 
 
@@ -259,7 +260,6 @@ class Distill(Objective):
 
     def _rows(self, batch: Batch, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self.table is None:
-            self._teacher_name()
             raise RuntimeError("distill: prepare() must run before loss() (it builds the teacher's top-k table)")
         rows = []
         for s in batch["sample_ids"].tolist():
@@ -275,7 +275,7 @@ class Distill(Objective):
         logits, labels = label_logits(model, batch)
         if logits.shape[-1] != self.vocab_size:
             raise UserError(
-                f"objective.teacher '{cfg.teacher}' has a vocabulary of {self.vocab_size} tokens but the student's has "
+                f"the teacher ({self._teacher_name()}) has a vocabulary of {self.vocab_size} tokens but the student's has "
                 f"{logits.shape[-1]}: distillation needs the same tokenizer for teacher and student"
             )
         if t_ids.shape[0] != labels.shape[0]:
