@@ -39,6 +39,9 @@ declare -A TESTS=(
   [reference]="tests/unit/test_reference.py"
 )
 SETS=${SETS:-objectives passk extract checkpoint packing templating batching reference}
+# the tokenisation cache would hand the tests units encoded before the mutation (mutmut switches mutants at run
+# time, so the source files, and the cache key, are the same for all of them): encode afresh in every test run
+export TUNELAB_DATA_CACHE=0
 W=$(mktemp -d /tmp/tunelab-mutation.XXXXXX)
 trap 'git -C "$REPO" worktree remove --force "$W/repo" >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
 git -C "$REPO" worktree add -q --detach "$W/repo" HEAD

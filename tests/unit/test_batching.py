@@ -164,6 +164,24 @@ def test_fingerprint_covers_every_data_field_and_the_format(jsonl: Any, tok: Any
     assert len(keys) == 4
 
 
+def test_cache_key_follows_the_encoder_code_and_the_cache_can_be_off(jsonl: Any, tok: Any, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunelab.data as data_mod
+
+    path = str(jsonl([{"prompt": P, "chosen": GOOD, "rejected": BAD}]))
+    cfg = DataConfig(train=path)
+    key = data_mod._fingerprint(path, tok, cfg, "train", "pairwise")
+    monkeypatch.setattr(data_mod, "_encoding_code", lambda: b"another encoder")  # an upgraded or edited tunelab
+    assert data_mod._fingerprint(path, tok, cfg, "train", "pairwise") != key
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", "0")
+    assert len(data_mod.tokenize_cached(path, tok, cfg, "train", "pairwise").samples) == 1
+    assert not (tmp_path / "cache").exists()  # nothing read or written
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", "1")
+    data_mod.tokenize_cached(path, tok, cfg, "train", "pairwise")
+    assert len(list((tmp_path / "cache" / "data").glob("*.pt"))) == 1
+
+
 def test_unknown_format_is_not_silently_sft(tmp_path: Path, tok: Any) -> None:
     with pytest.raises(NotImplementedError, match="no batcher for batch format 'listwise'"):
         get_batcher("listwise")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,7 +52,17 @@ def _fingerprint(source: str, tok: Any, cfg: DataConfig, split: str, batch_forma
     # the whole data config: a new field can never silently reuse a stale cache
     settings = cfg.model_dump(mode="json") | {"split": split, "batch_format": batch_format, "v": CACHE_VERSION}
     h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(_encoding_code())
     return h.hexdigest()[:24]
+
+
+@functools.cache
+def _encoding_code() -> bytes:
+    """The source of the code that turns rows into units: an upgraded (or edited) tunelab never reads units that
+    an older encoder wrote, without anyone having to remember to bump CACHE_VERSION."""
+    root = Path(__file__).parent
+    files = sorted([*root.glob("*.py"), *(root / "batching").glob("*.py")])
+    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).digest()
 
 
 def _fit_length(unit: Unit, cfg: DataConfig, out: TokenizedSet) -> Unit | None:
@@ -99,8 +110,12 @@ def tokenize(source: str, tok: Any, cfg: DataConfig, split: str, batch_format: s
 
 
 def tokenize_cached(source: str, tok: Any, cfg: DataConfig, split: str = "train", batch_format: str = "sft") -> TokenizedSet:
-    """Tokenize once per (file, tokenizer, data settings, batch format); a re-run or resume reads the cache."""
+    """Tokenize once per (file, tokenizer, data settings, batch format, encoder code); a re-run or resume reads the
+    cache. TUNELAB_DATA_CACHE=0 turns the cache off (every run encodes afresh; mutation testing of the encoders)."""
     from tunelab.models.presets import cache_dir
+
+    if os.environ.get("TUNELAB_DATA_CACHE", "1") == "0":
+        return tokenize(source, tok, cfg, split, batch_format)
 
     path = cache_dir() / "data" / f"{_fingerprint(source, tok, cfg, split, batch_format)}.pt"
     if path.is_file():
