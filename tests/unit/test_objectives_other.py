@@ -3,7 +3,9 @@ class on a tiny batch against its pure function."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
@@ -12,10 +14,11 @@ import pytest
 import torch
 
 from tunelab.data.batching import Unit, get_batcher
+from tunelab.data.packing import collate
 from tunelab.data.templating import IGNORE, Encoded
 from tunelab.objectives import OBJECTIVES
-from tunelab.objectives._logprobs import SeqLogps, label_logits, sequence_logps, token_logprobs
-from tunelab.objectives.ift import IFTConfig, ift_mix_embeddings, ift_weights
+from tunelab.objectives._logprobs import SeqLogps, _plain_lm, label_logits, sequence_logps, token_logprobs
+from tunelab.objectives.ift import _CHUNK, IFTConfig, ift_mix_embeddings, ift_weights
 from tunelab.objectives.kto import KTOConfig, kto_kl_estimate, kto_loss
 from tunelab.objectives.masked_thought import (
     MaskedThoughtConfig,
@@ -214,6 +217,37 @@ def test_kto_config_defaults() -> None:
     assert (cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) == (0.1, 1.0, 1.0)
 
 
+def test_kto_loss_defaults_flags_and_float64() -> None:
+    # beta defaults to 0.1: the hand values of test_kto_hand_computed
+    losses, m = kto_loss(POL, REF, DES, 0.5)
+    assert losses.tolist() == pytest.approx([1 - sig(0.05), 1 - sig(0.15), 1 - sig(0.05)], abs=1e-7)
+    # 0/1 flags select the same classes as booleans
+    flags, m_flags = kto_loss(POL, REF, torch.tensor([1, 0, 1]), 0.5)
+    assert torch.equal(flags, losses) and m_flags == m
+    # float64 log-probs: z0 is not rounded through float32 (0.1 stays 0.1) and the losses stay float64
+    wide, m64 = kto_loss(POL.double(), REF.double(), DES, 0.1, beta=0.3)
+    assert m64["kl"] == 0.1 and wide.dtype == torch.float64
+    assert wide.tolist() == pytest.approx([1 - sig(0.3 * 0.9), 1 - sig(0.3 * 1.1), 1 - sig(0.3 * 0.9)], rel=1e-12, abs=0)
+
+
+def test_kto_objective_config_weights_and_one_unit(samples: list[Encoded], make_model: Any) -> None:
+    model, ref = make_model().train(), ModelRef(perturbed(make_model))
+    obj = make_obj("kto", beta=0.3, desirable_weight=2.0, undesirable_weight=0.5)
+    for batch, n in ((_unpaired_batch(samples, False), 3),
+                     (get_batcher("unpaired").collate([[Unit(samples[2:4], {"desirable": False}, sid=8)]], 2, False), 1)):
+        assert obj.num_items(batch) == n
+        loss, metrics = obj.loss(model, batch, n, ref)
+        with torch.no_grad():
+            pol, rl = sequence_logps(model, batch).sum, ref.logps(model, batch).sum
+            want, want_m = kto_loss(pol[0::2], rl[0::2], batch["desirable"], kto_kl_estimate(pol[1::2], rl[1::2]),
+                                    beta=0.3, desirable_weight=2.0, undesirable_weight=0.5)
+        assert loss.item() == pytest.approx(want.sum().item() / n, rel=1e-5)
+        assert metrics == pytest.approx(want_m, rel=1e-5)
+    msg = "kto needs reference log-probs: the loop must pass `ref`"
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        obj.loss(model, batch, 1)
+
+
 # ============================================================================================== RRHF
 
 # unit 0: three responses; unit 1: two responses
@@ -295,6 +329,53 @@ def test_rrhf_config_defaults() -> None:
     assert (cfg.length_penalty, cfg.rank_weight) == (1.0, 1.0)
 
 
+def test_rrhf_loss_defaults() -> None:
+    # length_penalty 1 and rank_weight 1: the hand values of test_rrhf_hand_computed
+    assert rrhf_loss(SUMS, LENS, SCORES, UNIT)[0].tolist() == pytest.approx([2 + 3, 0 + 2])
+
+
+def _naive_rrhf(sums: list[float], lens: list[int], scores: list[float], unit: list[int], alpha: float, w: float) -> list[float]:
+    out = []
+    for u in sorted(set(unit)):
+        idx = [i for i in range(len(unit)) if unit[i] == u]
+        p = {i: sums[i] / max(lens[i], 1) ** alpha for i in idx}
+        rank = sum(max(0.0, p[i] - p[j]) for i in idx for j in idx if scores[i] < scores[j])
+        best = max(idx, key=lambda i: (scores[i], -i))  # highest score, the first on ties
+        out.append(w * rank - sums[best] / max(lens[best], 1))
+    return out
+
+
+def test_rrhf_float64_fractional_alpha() -> None:
+    """float64 inputs are computed in float64 throughout (lengths ** alpha included), ties go to the first."""
+    sums = torch.tensor([-6.3, -4.1, -9.7, -3.2, -8.9], dtype=torch.float64)
+    lens = torch.tensor([3, 2, 5, 1, 4])
+    scores = torch.tensor([0.1, 0.3, 0.2, 0.7, 0.7], dtype=torch.float64)
+    losses, m = rrhf_loss(sums, lens, scores, UNIT, length_penalty=0.5, rank_weight=1.7)
+    want = _naive_rrhf(sums.tolist(), lens.tolist(), scores.tolist(), UNIT.tolist(), 0.5, 1.7)
+    assert losses.dtype == torch.float64
+    assert losses.tolist() == pytest.approx(want, rel=1e-12, abs=0)
+    # unit 0: pairs (0,1), (0,2), (2,1); only (0,2) is violated (p_0 > p_2); unit 1 is a tie (no pair, best #3)
+    hinge = -6.3 / 3**0.5 + 9.7 / 5**0.5
+    assert m.keys() == {"rank", "nll", "rewards/accuracy"}
+    assert m["rank"] == pytest.approx(hinge / 2, rel=1e-12) and m["nll"] == pytest.approx((4.1 / 2 + 3.2) / 2, rel=1e-12)
+    assert m["rewards/accuracy"] == pytest.approx(2 / 3)
+
+
+def test_rrhf_objective_config_and_one_unit(samples: list[Encoded], make_model: Any) -> None:
+    batch = get_batcher("ranked").collate([[Unit(samples[:3], {"scores": [0.1, 0.9, 0.5]}, sid=3)]], 2, False)
+    model = make_model().train()
+    obj = make_obj("rrhf", length_penalty=0.5, rank_weight=2.0)
+    assert obj.num_items(batch) == 1
+    loss, metrics = obj.loss(model, batch, 1)
+    with torch.no_grad():
+        lp = sequence_logps(model, batch)
+        want, want_m = rrhf_loss(lp.sum, lp.count, batch["scores"], batch["seq_unit"], length_penalty=0.5, rank_weight=2.0)
+        alpha1, _ = rrhf_loss(lp.sum, lp.count, batch["scores"], batch["seq_unit"], length_penalty=1.0, rank_weight=2.0)
+    assert abs(want.item() - alpha1.item()) > 1e-3  # alpha reaches the loss on this batch
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)  # one unit: its loss, undivided
+    assert metrics == pytest.approx(want_m, rel=1e-5)
+
+
 # =============================================================================================== IFT
 
 
@@ -368,8 +449,8 @@ def test_ift_lam0_gamma0_is_sft(make_model: Any, request: pytest.FixtureRequest,
     assert metrics["tokens"] == n
 
 
-def _manual_ift(model: Any, batch: dict[str, torch.Tensor], lam: float, gamma: float, n: int) -> torch.Tensor:
-    """IFT written out with the model's plain forward: greedy guesses, shifted mix, weighted NLL."""
+def _manual_ift_nll(model: Any, batch: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """IFT's token NLLs written out with the model's plain forward: greedy guesses, shifted mix, NLL."""
     ids, labels = batch["input_ids"], batch["labels"]
     # use_cache=False matters: with a cache, transformers does not detect packed rows from position_ids
     kw = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch} | {"use_cache": False}
@@ -388,7 +469,13 @@ def _manual_ift(model: Any, batch: dict[str, torch.Tensor], lam: float, gamma: f
                 mixed[r, t + 1] = (1 - lam) * emb(ids[r, t + 1]) + lam * emb(pred_ids[r, t + 1])
     logits = model(inputs_embeds=mixed, **kw).logits
     sel = labels != IGNORE
-    nll = -token_logprobs(logits[sel], labels[sel])
+    return -token_logprobs(logits[sel], labels[sel])
+
+
+def _manual_ift(model: Any, batch: dict[str, torch.Tensor], lam: float, gamma: float, n: int) -> torch.Tensor:
+    """IFT's loss: the manual token NLLs weighted by `ift_weights` (tested on its own above), over `n`."""
+    nll = _manual_ift_nll(model, batch, lam)
+    sel = batch["labels"] != IGNORE
     return (ift_weights(nll, batch["seq_index"][sel], gamma) * nll).sum() / n
 
 
@@ -414,6 +501,84 @@ def test_ift_config_bounds() -> None:
         IFTConfig(lam=1.5)
     with pytest.raises(ValueError):
         IFTConfig(gamma=-0.1)
+
+
+def test_ift_weights_carry_when_a_sequence_ends_one_past_a_block() -> None:
+    # token 256 (first of the second scan block) is the last of sequence 0: the first block's tokens of
+    # sequence 0 take its carry, those after it (sequence 1) do not
+    lens = [_CHUNK + 1, 10]
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+    losses = torch.rand(seq.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    want = _naive_weights(losses.tolist(), seq.tolist(), 0.9)
+    assert ift_weights(losses, seq, 0.9).tolist() == pytest.approx(want, rel=1e-9)
+
+
+def _one_row(labelled: list[int]) -> dict[str, torch.Tensor]:
+    """One 6-token row whose labels sit at the `labelled` positions (each the next input token)."""
+    ids = torch.tensor([[5, 17, 29, 41, 53, 65]])
+    labels = torch.full_like(ids, IGNORE)
+    for t in labelled:
+        labels[0, t] = ids[0, t + 1]
+    return with_ids({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+
+
+@pytest.mark.parametrize("gamma", [0.95, 0.0])
+def test_ift_single_and_no_label_token(make_model: Any, gamma: float) -> None:
+    model = make_model()
+    obj = make_obj("ift", gamma=gamma)
+    # one label token (num_items 1): weight 1 and the mix only feeds later positions, so its plain NLL
+    one = _one_row([2])
+    want = sft_loss(*label_logits(model, one), 1)
+    loss, metrics = obj.loss(model, one, 1)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    assert metrics == pytest.approx({"tokens": 1.0, "nll": want.item()}, rel=1e-6)
+    # no label token at all (a prompt-only micro-batch): a zero loss and zero metrics, no error
+    loss, metrics = obj.loss(model, _one_row([]), 0)
+    assert loss.item() == 0.0 and metrics == {"tokens": 0.0, "nll": 0.0}
+    assert ift_weights(torch.empty(0), torch.empty(0, dtype=torch.long), gamma).shape == (0,)
+
+
+def _small_sft(samples: list[Encoded], packed: bool = False) -> dict[str, torch.Tensor]:
+    """Two samples (padded rows), or three packed in two rows."""
+    rows = [samples[:2], samples[2:3]] if packed else [[s] for s in samples[:2]]
+    batch = collate(rows, 2, packed=packed)
+    batch.pop("real_tokens")
+    return with_ids(batch)
+
+
+@pytest.mark.parametrize("gamma", [0.95, 0.0])
+def test_ift_metrics_are_the_micro_batch_mean_nll(make_model: Any, samples: list[Encoded], gamma: float) -> None:
+    # num_items counts the whole step's tokens (here 3x this micro-batch's): it scales the loss, never the nll
+    batch = _small_sft(samples)
+    model = make_model()
+    n = make_obj("ift").num_items(batch)
+    loss, metrics = make_obj("ift", lam=0.2, gamma=gamma).loss(model, batch, 3 * n)
+    nll = _manual_ift_nll(model, batch, 0.2)
+    assert nll.numel() == n
+    torch.testing.assert_close(loss, _manual_ift(model, batch, 0.2, gamma, 3 * n), rtol=1e-5, atol=1e-6)
+    assert metrics == pytest.approx({"tokens": float(n), "nll": nll.mean().item()}, rel=1e-5)
+
+
+def test_ift_lam1_gamma1_matches_manual(make_model: Any, samples: list[Encoded]) -> None:
+    # lam 1: the response inputs are the guesses alone; gamma 1: undiscounted reverse sums (not SFT)
+    batch = _small_sft(samples)
+    model = make_model()
+    n = make_obj("ift").num_items(batch)
+    loss, _ = make_obj("ift", lam=1.0, gamma=1.0).loss(model, batch, n)
+    torch.testing.assert_close(loss, _manual_ift(model, batch, 1.0, 1.0, n), rtol=1e-5, atol=1e-6)
+    assert abs(loss.item() - _manual_ift(model, batch, 0.0, 0.0, n).item()) > 1e-3
+
+
+def test_ift_models_without_the_fast_path(make_model: Any, samples: list[Encoded]) -> None:
+    """A model the decoder + head fast path would get wrong (here flagged by a head extra) runs its own
+    forward with `inputs_embeds`: on packed rows, position ids and no cache keep the sequences apart."""
+    batch = _small_sft(samples, packed=True)
+    want = _manual_ift(make_model(), batch, 0.2, 0.95, 7)
+    model = make_model()
+    model.config.logit_scale = 1.0  # llama ignores it; it only routes the objective to the model's forward
+    assert _plain_lm(model) is None
+    loss, _ = make_obj("ift").loss(model, batch, 7)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 # ===================================================================================== Masked Thought
@@ -520,3 +685,123 @@ def test_masked_thought_pad_replacement(make_model: Any, sft_batch: dict[str, to
 def test_masked_thought_config_defaults() -> None:
     cfg = MaskedThoughtConfig()
     assert (cfg.max_rate, cfg.warmup_frac, cfg.replace, cfg.mask_token_id) == (0.2, 0.66, "random", None)
+
+
+def test_mask_rate_warmup_of_at_most_one_step() -> None:
+    # a warm-up shorter than one step still starts from 0 at step 0 (only a zero warm-up starts at full rate)
+    assert mask_rate(0, 1, 0.2, 0.66) == 0.0
+    assert mask_rate(0, 2, 0.4, 0.5) == 0.0
+    assert mask_rate(1, 2, 0.4, 0.5) == 0.4
+
+
+def test_corrupt_hits_strictly_below_the_rate() -> None:
+    """Independent re-implementation: one uniform draw per position over the grid, then one vocabulary id per
+    position; a response input is replaced iff its draw is < rate (a draw equal to the rate is not a hit)."""
+    gen = torch.Generator().manual_seed(4)
+    draws = torch.rand(IDS.shape, generator=gen)
+    ids = torch.randint(0, 50, IDS.shape, generator=gen)
+    resp = response_inputs(LABS)
+    rate = float(draws[resp].sort().values[2])  # the third-lowest response draw: two hits, one draw == rate
+    hit = (draws < rate) & resp
+    assert int(hit.sum()) == 2
+    want = torch.where(hit, ids, IDS)
+    assert torch.equal(corrupt(IDS, LABS, rate, torch.Generator().manual_seed(4), 50), want)
+    # the ids keep their dtype
+    narrow = corrupt(IDS.int(), LABS, rate, torch.Generator().manual_seed(4), 50)
+    assert narrow.dtype == torch.int32 and torch.equal(narrow.long(), want)
+
+
+def test_corrupt_inputs_on_another_device_than_the_generator() -> None:
+    # the generator stays on the CPU while the batch sits on the accelerator (meta stands in for it)
+    for replace_id in (None, 99):
+        out = corrupt(IDS.to("meta"), LABS.to("meta"), 0.5, torch.Generator().manual_seed(0), 50, replace_id)
+        assert out.device.type == "meta" and out.dtype == torch.long and out.shape == IDS.shape
+
+
+def test_batch_generator_seed_derivation() -> None:
+    """The seed is blake2b-64 of repr((seed, step, ids)), little-endian, top bit cleared: fixed, so a resumed
+    run (or another release) corrupts exactly as the original. This key's digest has its top and lowest bits set."""
+    digest = int.from_bytes(hashlib.blake2b(b"(0, 2, [7])", digest_size=8).digest(), "little")
+    assert digest >> 63 == 1 and digest & 1 == 1
+    assert batch_generator(0, 2, torch.tensor([7])).initial_seed() == digest & (2**63 - 1) == 7952967928101352927
+
+
+def test_corrupt_sequences_unlabelled_and_one_token_sequences() -> None:
+    # sample 100 has no label left (skipped), 101 one label token, 102 and 103 several; rate 1: every response input
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]])
+    labels = torch.tensor([[IGNORE, 12, IGNORE, 14, 15, IGNORE], [21, 22, 23, IGNORE, IGNORE, IGNORE]])
+    seq = torch.tensor([[-1, 1, -1, 2, 2, -1], [3, 3, 3, -1, -1, -1]])
+    batch = {"input_ids": ids, "labels": labels, "seq_index": seq, "sample_ids": torch.tensor([100, 101, 102, 103])}
+    out = corrupt_sequences(batch, 1.0, 0, 0, 50, replace_id=99)
+    assert out.tolist() == [[10, 11, 99, 13, 99, 99], [20, 99, 99, 99, 24, 25]]
+    assert torch.equal(batch["input_ids"], ids)  # a copy
+
+
+def test_masked_thought_vocab_sources() -> None:
+    def stub(rows: int, **config: Any) -> Any:
+        module = torch.nn.Module()
+        module.config = SimpleNamespace(**config)
+        module.get_input_embeddings = lambda: torch.nn.Embedding(rows, 4)
+        return module
+
+    rnd = make_obj("masked_thought")
+    assert rnd._replacement(stub(37, vocab_size=40)) == (40, None)  # the config's vocab_size first
+    assert rnd._replacement(stub(37)) == (37, None)  # a config without one (multimodal): the embedding rows
+    assert rnd._replacement(stub(37, vocab_size=None)) == (37, None)
+    assert make_obj("masked_thought", vocab_size=7)._replacement(stub(37, vocab_size=40)) == (7, None)
+    pad = make_obj("masked_thought", replace="pad")
+    assert pad._replacement(stub(37, vocab_size=40, pad_token_id=3)) == (40, 3)
+    assert make_obj("masked_thought", replace="pad", mask_token_id=0)._replacement(stub(37, pad_token_id=3)) == (37, 0)
+    msg = "masked_thought replace=pad: set objective.mask_token_id (the model has no pad_token_id)"
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        pad._replacement(stub(37))  # no pad_token_id attribute at all
+
+
+def test_masked_thought_ramped_rate_vocab_and_metrics(make_model: Any, sft_batch: dict[str, torch.Tensor]) -> None:
+    batch = with_ids(sft_batch)
+    model = make_model().train()
+    obj = make_obj("masked_thought", max_rate=0.4, warmup_frac=0.5, vocab_size=7, seed=5)
+    obj.on_step(3, 10)  # 3 of the 5 warm-up steps: 0.4 * 3 / 5
+    n = obj.num_items(batch)
+    loss, metrics = obj.loss(model, batch, n)
+    assert metrics == {"tokens": float(n), "mask_rate": pytest.approx(0.24)}
+    ids = corrupt_sequences(batch, metrics["mask_rate"], 5, 3, 7)
+    changed = ids != batch["input_ids"]
+    assert changed.any() and (ids[changed] < 7).all()
+    torch.testing.assert_close(loss, sft_loss(*label_logits(model, {**batch, "input_ids": ids}), n), rtol=0, atol=0)
+
+
+# ================================================================================== device placement
+
+_LOSSES5, _SEQ5 = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), torch.tensor([0, 0, 0, 1, 1])
+_DEVICE_CASES = {
+    "kto_loss": lambda: kto_loss(POL, REF, DES, 0.5)[0],
+    "rrhf_loss": lambda: rrhf_loss(SUMS, LENS, SCORES, UNIT)[0],
+    "ift_weights": lambda: ift_weights(_LOSSES5, _SEQ5, 0.5),
+    "corrupt_random": lambda: corrupt(IDS, LABS, 0.5, torch.Generator().manual_seed(3), 50),
+    "corrupt_pad": lambda: corrupt(IDS, LABS, 0.5, torch.Generator().manual_seed(3), 50, replace_id=99),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DEVICE_CASES))
+def test_tensors_follow_the_inputs_not_the_default_device(name: str) -> None:
+    """On an accelerator the inputs' device is not the default one: every tensor a loss function makes must
+    follow its inputs (or the generator). Here the default device is meta and the inputs are on the CPU."""
+    want = _DEVICE_CASES[name]()
+    with torch.device("meta"):
+        got = _DEVICE_CASES[name]()
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["masked_thought", "ift"])
+def test_objective_runs_inside_a_data_parallel_wrapper(name: str, make_model: Any, sft_batch: dict[str, torch.Tensor]) -> None:
+    """Multi-process training hands the objective the DDP wrapper, which has no config and no embeddings of its
+    own (DataParallel stands in for it on CPU): the loss must equal the plain model's."""
+    batch = with_ids(sft_batch)
+    obj = make_obj(name)
+    obj.on_step(5, 10)
+    model = make_model().train()
+    n = obj.num_items(batch)
+    plain, _ = obj.loss(model, batch, n)
+    wrapped, _ = obj.loss(torch.nn.DataParallel(model), batch, n)
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)

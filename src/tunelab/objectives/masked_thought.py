@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives._base import Batch, Objective
-from tunelab.objectives._logprobs import IGNORE, label_logits
+from tunelab.objectives._logprobs import IGNORE, label_logits, unwrap
 from tunelab.objectives.sft import sft_loss
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class MaskedThought(Objective):
     def _replacement(self, model: Any) -> tuple[int, int | None]:
         """(vocab size for random ids, fixed replacement id or None)."""
         cfg: MaskedThoughtConfig = self.cfg  # type: ignore[assignment]
+        model = unwrap(model)  # under DDP the loop hands over the wrapper, which has no config or embeddings
         vocab = cfg.vocab_size or getattr(model.config, "vocab_size", None)
         vocab = vocab or model.get_input_embeddings().weight.shape[0]
         if cfg.replace == "random":
