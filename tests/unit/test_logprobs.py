@@ -171,6 +171,9 @@ def test_reduce_by_sequence_by_hand() -> None:
     assert out.sum.dtype == torch.float64 and out.count.dtype == torch.long  # the caller's precision is kept
     assert out.sum.tolist() == [-1.0, 1.5, 0.0] and out.count.tolist() == [1, 3, 0]
     assert out.mean.tolist() == [-1.0, 0.5, 0.0]  # an empty sequence averages to 0, not NaN
+    with torch.device("meta"):  # on an accelerator the default device is not the inputs': results follow the inputs
+        on_inputs = reduce_by_sequence(token_lp, torch.tensor([1, 0, 1, 1], device="cpu"), 3)
+    assert on_inputs.sum.device.type == on_inputs.count.device.type == "cpu" and torch.equal(on_inputs.sum, out.sum)
     leaf = token_lp.clone().requires_grad_()
     detached = reduce_by_sequence(leaf, torch.tensor([1, 0, 1, 1]), 3).detach()
     assert not detached.sum.requires_grad and detached.count.tolist() == [1, 3, 0]
