@@ -10,7 +10,9 @@
 # Works on a snapshot of HEAD in a temporary directory (mutmut writes a mutants/ tree next to the sources), so
 # the checkout is never touched. Usage: benchmarks/mutation.sh [OUT_JSON]   (default benchmarks/results/mutation.json)
 # Environment: SETS (names below, default all), JOBS (parallel mutants, default the CPU count), RECHECK (a previous
-# run's JSON: run only the mutants it left alive, e.g. after adding tests; the scores combine both runs).
+# run's JSON: run only the mutants it left alive, e.g. after adding tests; the scores combine both runs), FULL (with
+# RECHECK: modules whose code changed since that run, e.g. "tunelab.objectives.dpo": all their mutants run again and
+# their scores are this run's alone, since a changed function's mutants are not the ones the previous run named).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$REPO/benchmarks/results/mutation.json}
@@ -70,7 +72,8 @@ PY
   mkdir -p "$DIFFS"
   only=()
   if [ -n "${RECHECK:-}" ]; then
-    mapfile -t only < <(python3 -c "import json, sys; [print(n) for m, v in json.load(open(sys.argv[1])).items() if v['group'] == sys.argv[2] for n in v['not_killed']]" "$RECHECK" "$g")
+    mapfile -t only < <(python3 -c "import json, sys; full = sys.argv[3].split(); [print(n) for m, v in json.load(open(sys.argv[1])).items() if v['group'] == sys.argv[2] and m not in full for n in v['not_killed']]" "$RECHECK" "$g" "${FULL:-}")
+    for m in ${FULL:-}; do only+=("$m.*"); done
     [ ${#only[@]} -gt 0 ] || { echo "$g: nothing left alive in $RECHECK" >&2; continue; }
   fi
   "$PY" -m mutmut run --max-children "$JOBS" "${only[@]}" > "$DIFFS/$g.log" 2>&1 || echo "mutmut run $g: rc=$? (see $DIFFS/$g.log)" >&2
@@ -79,11 +82,11 @@ PY
   for m in $(grep -E ": (survived|no tests|suspicious|skipped|segfault)$" "$W/$g.results" | sed -n 's/^ *\(tunelab\.[^:]*\): .*/\1/p'); do
     echo "### $m ($(grep -F "$m:" "$W/$g.results" | sed 's/.*: //'))"; "$PY" -m mutmut show "$m" 2>&1 | grep -E '^[-+][^-+]'; echo
   done > "$DIFFS/$g.diff"
-  "$PY" - "$W/$g.results" "$W/all.json" "$g" "$((SECONDS - t0))" "${RECHECK:-}" <<'PY'
+  "$PY" - "$W/$g.results" "$W/all.json" "$g" "$((SECONDS - t0))" "${RECHECK:-}" "${FULL:-}" <<'PY'
 import json, re, sys
 from collections import Counter, defaultdict
-res, allf, group, secs, recheck = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-previous = json.load(open(recheck)) if recheck else {}
+res, allf, group, secs, recheck, full = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6].split()
+previous = {m: v for m, v in (json.load(open(recheck)) if recheck else {}).items() if m not in full}
 per_module = defaultdict(Counter)
 survivors = defaultdict(list)
 status_of = {}
