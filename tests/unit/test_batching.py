@@ -7,6 +7,7 @@ name file and line for malformed rows.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def test_malformed_rows_name_file_and_line(jsonl: Any, tok: Any, fmt: str, row: 
 
 
 def test_prompt_longer_than_max_length_is_an_error(jsonl: Any, tok: Any) -> None:
-    with pytest.raises(UserError, match=r"train.jsonl:1: the prompt alone is \d+ tokens, longer than data.max_length=16"):
+    with pytest.raises(UserError, match=r"train.jsonl:1: the prompt alone is \d+ tokens, leaving no room under data.max_length=16"):
         units(jsonl, tok, [{"prompt": P * 10, "chosen": GOOD, "rejected": BAD}], "pairwise", max_length=16)
 
 
@@ -171,6 +172,11 @@ def test_cache_key_follows_the_encoder_code_and_the_cache_can_be_off(jsonl: Any,
     path = str(jsonl([{"prompt": P, "chosen": GOOD, "rejected": BAD}]))
     cfg = DataConfig(train=path)
     key = data_mod._fingerprint(path, tok, cfg, "train", "pairwise")
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tok = copy.deepcopy(tok)  # the same vocabulary and template, but a BOS token added in front
+    bos_tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    assert data_mod._fingerprint(path, bos_tok, cfg, "train", "pairwise") != key
     monkeypatch.setattr(data_mod, "_encoding_code", lambda: b"another encoder")  # an upgraded or edited tunelab
     assert data_mod._fingerprint(path, tok, cfg, "train", "pairwise") != key
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))

@@ -49,6 +49,7 @@ def _fingerprint(source: str, tok: Any, cfg: DataConfig, split: str, batch_forma
     vocab = json.dumps(sorted(tok.get_vocab().items()), separators=(",", ":"))
     h.update(hashlib.sha256(vocab.encode()).digest())
     h.update(str(getattr(tok, "chat_template", "")).encode())
+    h.update(str(tok("a b")["input_ids"]).encode())  # the special tokens it adds (a BOS or not) change the units
     # the whole data config: a new field can never silently reuse a stale cache
     settings = cfg.model_dump(mode="json") | {"split": split, "batch_format": batch_format, "v": CACHE_VERSION}
     h.update(json.dumps(settings, sort_keys=True).encode())

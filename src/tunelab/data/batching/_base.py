@@ -148,7 +148,7 @@ def encode_completion(ctx: EncodeContext, prompt: list[dict[str, str]], completi
     labelled = [i for i, t in enumerate(enc.labels) if t != IGNORE]
     if labelled and labelled[0] >= ctx.cfg.max_length:
         raise UserError(
-            f"{location}: the prompt alone is {labelled[0]} tokens, longer than data.max_length={ctx.cfg.max_length}; "
+            f"{location}: the prompt alone is {labelled[0]} tokens, leaving no room under data.max_length={ctx.cfg.max_length}; "
             "raise data.max_length or shorten the prompt"
         )
     return enc

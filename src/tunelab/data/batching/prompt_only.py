@@ -22,6 +22,8 @@ class PromptOnlyBatcher(Batcher):
     def encode(self, row: dict[str, Any], location: str, ctx: EncodeContext) -> Unit | str:
         require(row, ("prompt",), location, "prompt_only")
         msgs = prompt_of(row, location)
+        if ctx.cfg.system_prompt and msgs[0]["role"] != "system":  # as every trained format does (encode_completion)
+            msgs = [{"role": "system", "content": ctx.cfg.system_prompt}, *msgs]
         if ctx.template == "chat":
             ids = ctx.tok(render(ctx.tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         else:
