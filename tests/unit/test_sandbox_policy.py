@@ -56,11 +56,15 @@ def test_training_with_code_eval_is_refused_before_training(weak_only: Any, tmp_
     with pytest.raises(UserError, match="bubblewrap"):
         train(cfg, quiet=True)
     assert not (tmp_path / "run").exists()  # refused at set-up: no half-made run left behind
-    cfg.eval.allow_weak_sandbox = True
     from tunelab.train.loop import _check_sandbox
 
+    cfg.eval.tasks = []
+    _check_sandbox(cfg, None)  # nothing executes code: nothing to refuse
+    with pytest.raises(UserError, match="bubblewrap"):
+        _check_sandbox(cfg, object())  # an online objective judges its rollouts in the sandbox
+    cfg.eval.allow_weak_sandbox = True
     try:
-        _check_sandbox(cfg)  # the config key is the opt-in
+        _check_sandbox(cfg, object())  # the config key is the opt-in
     finally:
         sandbox.allow_weak_isolation(False)
 
