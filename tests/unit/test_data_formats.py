@@ -219,6 +219,7 @@ def test_tokenisation_cache_hit_on_second_call(jsonl: Any, tok: Any, monkeypatch
         return real(*a, **kw)
 
     monkeypatch.setattr(sft_batcher, "encode", counting)
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", "1")  # (mutation.sh turns it off for everything else)
     path = jsonl(chat_rows(5))
     first = tokenize_cached(str(path), tok, dcfg(path))
     assert calls["n"] == 5
