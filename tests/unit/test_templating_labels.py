@@ -242,6 +242,9 @@ def test_a_conversation_opening_with_the_answer_does_not_learn_the_template_prea
     text = fresh_tok.decode(enc.input_ids)
     assert text.endswith("hello there" + fresh_tok.eos_token + "\n")
     assert ("SmolLM" in text) == (template == "model")  # the preamble is in the input, just not labelled
+    for answer in ("XXXX marks the spot", "<|im_start|> is a token"):  # openings a marker could be mistaken for
+        other = enc_row(fresh_tok, {"messages": [{"role": "assistant", "content": answer}]})
+        assert labelled_spans(fresh_tok, other) == [answer + fresh_tok.eos_token]
 
 
 def test_a_template_that_ends_a_whole_conversation_differently_is_refused(fresh_tok: Any) -> None:
