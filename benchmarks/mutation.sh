@@ -37,7 +37,7 @@ declare -A TESTS=(
   [checkpoint]="tests/unit/test_checkpoint.py"
   [packing]="tests/unit/test_packing.py tests/unit/test_packed_attention.py"
   [templating]="tests/unit/test_templating_labels.py tests/unit/test_data_formats.py"
-  [batching]="tests/unit/test_batching.py tests/unit/test_batching_rows.py tests/unit/test_batch_tokens.py tests/unit/test_leti.py tests/unit/test_objectives_multi_target.py"
+  [batching]="tests/unit/test_batching.py tests/unit/test_batching_rows.py tests/unit/test_data_formats.py tests/unit/test_batch_tokens.py tests/unit/test_leti.py tests/unit/test_objectives_multi_target.py"
   [reference]="tests/unit/test_reference.py"
 )
 SETS=${SETS:-objectives passk extract checkpoint packing templating batching reference}
